@@ -1,0 +1,100 @@
+"""The ``tokensift`` attention function, registered through transformers' AttentionInterface.
+
+While a layer holds exactly what a plain cache would, it defers to transformers' own SDPA
+function (so the ``full`` policy is bit-identical to plain ``generate``). Once a layer has
+been compressed, it builds the mask from the layer's own per-token validity and true
+positions. After attention, it lets the policy observe (attention statistics computed only
+when the policy needs them, chunked, never a full matrix) and enforces the budget.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from tokensift.cache import SelectingLayer, take_last_updated
+from tokensift.scoring import AttentionView
+
+NAME = "tokensift"
+
+
+def new_token_validity(attention_mask: torch.Tensor | None, batch: int, q_len: int, device) -> torch.Tensor:
+    """``[batch, q]`` bool: False for padding among the new tokens (read off the mask's diagonal)."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return torch.ones(batch, q_len, dtype=torch.bool, device=device)
+    new_block = attention_mask[:, 0, :, -q_len:]
+    if new_block.dtype != torch.bool:
+        new_block = new_block == 0
+    return new_block.diagonal(dim1=-2, dim2=-1).expand(batch, q_len)
+
+
+def layer_mask(layer: SelectingLayer, q_len: int, query_valid: torch.Tensor, groups: int) -> torch.Tensor | None:
+    """The ``[batch, q_heads, q, kv]`` mask of a compressed layer: valid keys not after the query."""
+    query_positions = torch.arange(layer.seen - q_len, layer.seen, device=layer.keys.device)
+    if q_len == 1 and bool(layer.valid.all()):
+        return None
+    visible = layer.valid[:, :, None, :] & (layer.positions[:, :, None, :] <= query_positions[None, None, :, None])
+    visible = visible | ~query_valid[:, None, :, None]  # padding queries see everything: no empty rows
+    return visible.repeat_interleave(groups, dim=1)
+
+
+def compressed_attention(module, query, key, value, layer: SelectingLayer, query_valid, scaling) -> torch.Tensor:
+    """SDPA over a compressed layer's kept tokens, GQA-native; returns ``[batch, q, heads, dim]``."""
+    groups = query.shape[1] // key.shape[1]
+    mask = layer_mask(layer, query.shape[2], query_valid, groups)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1
+    )
+    return out.transpose(1, 2).contiguous()
+
+
+def attention_view(layer: SelectingLayer, query: torch.Tensor, query_valid: torch.Tensor, scaling: float) -> AttentionView:
+    """Everything a scorer needs about this attention call."""
+    q_len = query.shape[2]
+    return AttentionView(
+        query=query,
+        keys=layer.keys,
+        key_valid=layer.valid,
+        key_positions=layer.positions,
+        query_positions=torch.arange(layer.seen - q_len, layer.seen, device=query.device),
+        query_valid=query_valid,
+        scaling=scaling,
+    )
+
+
+def tokensift_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for the selecting cache (see module docstring)."""
+    layer = take_last_updated(key)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    batch, _, q_len, _ = query.shape
+    query_valid = new_token_validity(attention_mask, batch, q_len, query.device)
+    layer.mark_new_tokens(query_valid)
+    if layer.is_plain:
+        output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    else:
+        output = compressed_attention(module, query, key, value, layer, query_valid, scaling)
+    policy = layer.policy
+    view = attention_view(layer, query, query_valid, scaling) if policy.needs_attention else None
+    policy.observe(layer, view)
+    layer.enforce_budget()
+    return output, None
+
+
+def register() -> None:
+    """Register the attention function and its mask function under the name ``tokensift``."""
+    AttentionInterface.register(NAME, tokensift_attention)
+    AttentionMaskInterface.register(NAME, sdpa_mask)
+
+
+def use_tokensift_attention(model) -> None:
+    """Switch ``model`` to the tokensift attention function (stock SDPA for plain layers)."""
+    register()
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        model.set_attn_implementation(NAME)
+
+
+register()

@@ -1,0 +1,258 @@
+"""The selecting cache: per-layer kept K/V, true positions, budgets, honest byte counts.
+
+Full-attention layers become :class:`SelectingLayer`; sliding-window layers (Gemma 3) keep
+transformers' own layer, which is already bounded. Each selecting layer stores, per KV head,
+only the tokens its policy keeps, with their true positions; it reports to transformers the
+true number of tokens seen, so RoPE positions never renumber.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
+
+from tokensift.policies.base import Policy
+
+# The layer whose ``update`` ran last: the attention function picks it up right after.
+_LAST_UPDATED: list = [None]
+
+
+def take_last_updated(key: torch.Tensor) -> SelectingLayer | None:
+    """Return the selecting layer that just returned ``key`` from ``update`` (once)."""
+    layer = _LAST_UPDATED[0]
+    _LAST_UPDATED[0] = None
+    if layer is not None and layer.keys is key:
+        return layer
+    return None
+
+
+class SelectingLayer(CacheLayerMixin):
+    """One full-attention layer's cache under a policy.
+
+    Tensors, all gathered together on eviction (per KV head, so heads may differ):
+    ``keys``/``values`` ``[batch, kv_heads, kept, dim]``, ``positions`` (index in the padded
+    sequence), ``valid`` (False for padding), ``sink`` (protected first tokens), and the
+    policy's per-token statistics in ``token_state``.
+    """
+
+    is_sliding = False
+    is_croppable = True
+
+    def __init__(self, layer_idx: int, num_layers: int, policy: Policy):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_layers = num_layers
+        self.policy = policy
+        self.seen = 0
+        self.compressed = False
+        self.defer_eviction = False
+        self.positions: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.sink: torch.Tensor | None = None
+        self.valid_seen: torch.Tensor | None = None
+        self.token_state: dict[str, torch.Tensor] = {}
+        self.state: dict = {}
+
+    # ------------------------------------------------------------ transformers API
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads = key_states.shape[:2]
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.keys = key_states[:, :, :0]
+        self.values = value_states[:, :, :0]
+        self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=self.device)
+        self.valid = torch.zeros(batch, heads, 0, dtype=torch.bool, device=self.device)
+        self.sink = torch.zeros_like(self.valid)
+        self.valid_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append new tokens (assumed valid until the attention call says otherwise)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        batch, heads, new = key_states.shape[:3]
+        positions = torch.arange(self.seen, self.seen + new, device=self.device)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, positions.expand(batch, heads, new)], dim=-1)
+        self.valid = torch.cat([self.valid, self.valid.new_ones(batch, heads, new)], dim=-1)
+        self.sink = torch.cat([self.sink, self.sink.new_zeros(batch, heads, new)], dim=-1)
+        self.seen += new
+        _LAST_UPDATED[0] = self
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """Kept tokens + new ones, offset so new tokens sit at their true positions."""
+        kept = self.kept
+        return kept + query_length, self.seen - kept
+
+    def get_seq_length(self) -> int:
+        """The true number of tokens seen (not kept): positions continue from here."""
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.__init__(self.layer_idx, self.num_layers, self.policy)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the newest ``-tokens_to_remove`` tokens (speculative rollback)."""
+        count = abs(tokens_to_remove)
+        if count == 0 or not self.is_initialized:
+            return
+        if int(self.positions[..., -count:].min()) < self.seen - count:
+            raise RuntimeError("cannot crop: some of the newest tokens were already evicted")
+        self._gather_tokens(slice(0, self.kept - count))
+        self.seen -= count
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.batch_select_indices(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for name in ("keys", "values", "positions", "valid", "sink", "valid_seen"):
+            setattr(self, name, getattr(self, name)[indices])
+        self.token_state = {k: v[indices] for k, v in self.token_state.items()}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for name in ("keys", "values", "positions", "valid", "sink", "valid_seen"):
+            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+        self.token_state = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.token_state.items()}
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def kept(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[-2]
+
+    @property
+    def is_plain(self) -> bool:
+        """True while the layer holds exactly what a DynamicCache would (stock attention path)."""
+        return not self.compressed
+
+    @property
+    def kv_bytes(self) -> int:
+        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+
+    @property
+    def kv_bytes_full(self) -> int:
+        """What a full cache of this layer would hold for the same tokens."""
+        if self.keys is None:
+            return 0
+        batch, heads, _, dim = self.keys.shape
+        return 2 * batch * heads * self.seen * dim * self.keys.element_size()
+
+    def kept_valid_tokens(self) -> float:
+        """Mean number of real (non-padding) tokens held per sequence and KV head."""
+        return 0.0 if self.valid is None else float(self.valid.sum(-1).float().mean())
+
+    # ---------------------------------------------------------------- selection
+    def mark_new_tokens(self, new_valid: torch.Tensor) -> None:
+        """Record which of the newest tokens are padding ([batch, new] bool) and which are sinks."""
+        new = new_valid.shape[1]
+        heads = self.valid.shape[1]
+        rank = self.valid_seen[:, None] + torch.cumsum(new_valid.long(), dim=1) - 1
+        is_sink = new_valid & (rank < self.policy.n_sink)
+        self.valid[..., -new:] = new_valid[:, None, :].expand(-1, heads, -1)
+        self.sink[..., -new:] = is_sink[:, None, :].expand(-1, heads, -1)
+        self.valid_seen = self.valid_seen + new_valid.long().sum(1)
+
+    def protected_mask(self) -> torch.Tensor:
+        """Sinks and the most recent ``window`` tokens."""
+        recent = self.positions >= self.seen - self.policy.window
+        return self.sink | recent
+
+    def enforce_budget(self) -> None:
+        """Cut the layer back to its budget when it has grown past it (per KV head)."""
+        if self.defer_eviction:
+            return
+        budget = self.policy.layer_budget(self.layer_idx, self.num_layers, int(self.valid_seen.max()))
+        if budget is None or self.kept < budget + self.policy.interval:
+            return
+        self.select(budget)
+
+    def select(self, budget: int) -> None:
+        """Keep the ``budget`` best tokens of each KV head: protected first, padding never."""
+        scores = self.policy.score(self).float()
+        scores = scores.masked_fill(self.protected_mask(), float("inf"))
+        scores = scores.masked_fill(~self.valid, float("-inf"))
+        keep = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
+        self._gather_tokens(keep)
+        self.compressed = True
+
+    def _gather_tokens(self, index) -> None:
+        """Keep only ``index`` (a slice, or ``[batch, heads, n]`` indices) of every per-token tensor."""
+        def take(tensor: torch.Tensor) -> torch.Tensor:
+            if isinstance(index, slice):
+                return tensor[:, :, index].contiguous()
+            idx = index if tensor.dim() == 3 else index[..., None].expand(-1, -1, -1, tensor.shape[-1])
+            return tensor.gather(2, idx)
+
+        self.keys, self.values = take(self.keys), take(self.values)
+        self.positions, self.valid, self.sink = take(self.positions), take(self.valid), take(self.sink)
+        self.token_state = {k: take(v) for k, v in self.token_state.items()}
+
+
+class SelectingCache(Cache):
+    """A transformers ``Cache`` whose full-attention layers keep only what a policy selects.
+
+    Use it as ``model.generate(..., past_key_values=SelectingCache(model.config, policy))``
+    on a model whose attention implementation is ``"tokensift"`` (see :func:`make_cache`).
+    """
+
+    def __init__(self, config, policy: Policy):
+        text_config = config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        num_layers = len(layer_types)
+        layers = [
+            SelectingLayer(i, num_layers, policy)
+            if kind == "full_attention"
+            else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+            for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs))
+        ]
+        super().__init__(layers=layers)
+        self.policy = policy
+
+    @property
+    def selecting_layers(self) -> list[SelectingLayer]:
+        return [layer for layer in self.layers if isinstance(layer, SelectingLayer)]
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes actually held in the K/V tensors of every layer."""
+        return sum(_held_bytes(layer) for layer in self.layers)
+
+    @property
+    def kv_bytes_full(self) -> int:
+        """Bytes a full (uncompressed) cache would hold for the same tokens."""
+        return sum(
+            layer.kv_bytes_full if isinstance(layer, SelectingLayer) else _held_bytes(layer) for layer in self.layers
+        )
+
+    def kv_tokens(self) -> float:
+        """Mean number of real tokens held per selecting layer (per sequence and KV head)."""
+        layers = self.selecting_layers
+        return sum(layer.kept_valid_tokens() for layer in layers) / max(len(layers), 1)
+
+    def set_defer_eviction(self, defer: bool) -> None:
+        """Suspend budget enforcement (e.g. while verifying speculative tokens)."""
+        for layer in self.selecting_layers:
+            layer.defer_eviction = defer
+
+    def enforce_budget(self) -> None:
+        """Apply pending evictions now (after a deferred stretch)."""
+        for layer in self.selecting_layers:
+            layer.enforce_budget()
+
+
+def _held_bytes(layer) -> int:
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    if keys is None or values is None:
+        return 0
+    return keys.nbytes + values.nbytes
+
+
+def make_cache(model, policy: Policy) -> SelectingCache:
+    """A selecting cache for ``model``; switches the model to the tokensift attention function."""
+    from tokensift.attention import use_tokensift_attention
+
+    use_tokensift_attention(model)
+    return SelectingCache(model.config, policy)

@@ -1,0 +1,7 @@
+"""KV policies, one per file, registered by name."""
+
+from tokensift.policies import a2sf, full, h2o, knorm, random, snapkv, streaming_llm, tova  # noqa: F401
+from tokensift.policies.base import Policy
+from tokensift.policies.registry import POLICIES, build_policy, get_policy_class, register
+
+__all__ = ["POLICIES", "Policy", "build_policy", "get_policy_class", "register"]
