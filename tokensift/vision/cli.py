@@ -12,6 +12,7 @@ import typer
 from tokensift.errors import TokensiftError
 
 N_LAYERS = 12
+N_PATCHES = 256
 
 
 def register(app: typer.Typer) -> None:
@@ -48,7 +49,7 @@ def run_on_image(image: Optional[Path], method: str, keep: Optional[float], budg
 
     from .images import load_image, to_pixels
     from .loader import load_vit
-    from .selectors import get_selector
+    from .selectors import get_selector, resolve_budget
     from .vit import run_vit
 
     if image is None:
@@ -56,6 +57,9 @@ def run_on_image(image: Optional[Path], method: str, keep: Optional[float], budg
     if keep is None and budget is None:
         keep = 0.25
     selector = get_selector(method)
+    resolve_budget(N_PATCHES, budget, keep)
+    if not 0 <= layer <= N_LAYERS:
+        raise TokensiftError(f"layer {layer} is out of range: the ViT has layers 0..{N_LAYERS}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     px = to_pixels(load_image(image)).unsqueeze(0)
     model = load_vit()
