@@ -64,3 +64,22 @@ def test_rows_are_scored_with_the_task_scorer():
     assert summary["snapkv@keep=0.25"]["mean_score"] == 0.5
     assert summary["snapkv@keep=0.25"]["errors"] == ["AssertionError: eager"]
     json.dumps(summary)
+
+
+@pytest.mark.skipif(
+    not __import__("os").environ.get("TOKENSIFT_KVPRESS_E2E"),
+    reason="end to end kvpress run (builds a venv, minutes): set TOKENSIFT_KVPRESS_E2E=1",
+)
+def test_end_to_end_on_two_instances(tmp_path):
+    from tokensift.bench.tasks import write_jsonl
+
+    tokenizer = default_tokenizer()
+    instances = build_instances("niah", tokenizer, 1024, n=1, seed=0)
+    instances += build_instances("ppl", tokenizer, 1024, n=1, seed=0)
+    path = write_jsonl(instances, tmp_path / "tasks.jsonl")
+    rows = kc.run(path, ["full", "snapkv", "observed_attention"], [0.5], tmp_path / "rows.jsonl")
+    assert len(rows) == 6
+    full = next(r for r in rows if r["press"] == "full" and r["task"] == "niah")
+    assert full["status"] == "ok" and full["score"] == 1.0
+    snap = next(r for r in rows if r["press"] == "snapkv" and r["task"] == "niah")
+    assert snap["kv_tokens_kept"] == pytest.approx(len(instances[0].context_ids) * 0.5, abs=1)

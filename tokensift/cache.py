@@ -13,6 +13,8 @@ from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLay
 
 from tokensift.policies.base import Policy
 
+PER_SEQUENCE = ("keys", "values", "positions", "ranks", "valid", "sink", "valid_seen")
+
 # The layer whose ``update`` ran last: the attention function picks it up right after.
 _LAST_UPDATED: list = [None]
 
@@ -31,7 +33,8 @@ class SelectingLayer(CacheLayerMixin):
 
     Tensors, all gathered together on eviction (per KV head, so heads may differ):
     ``keys``/``values`` ``[batch, kv_heads, kept, dim]``, ``positions`` (index in the padded
-    sequence), ``valid`` (False for padding), ``sink`` (protected first tokens), and the
+    sequence), ``ranks`` (index among the sequence's real tokens: its RoPE position under
+    left padding), ``valid`` (False for padding), ``sink`` (protected first tokens), and the
     policy's per-token statistics in ``token_state``.
     """
 
@@ -47,6 +50,7 @@ class SelectingLayer(CacheLayerMixin):
         self.compressed = False
         self.defer_eviction = False
         self.positions: torch.Tensor | None = None
+        self.ranks: torch.Tensor | None = None
         self.valid: torch.Tensor | None = None
         self.sink: torch.Tensor | None = None
         self.valid_seen: torch.Tensor | None = None
@@ -60,6 +64,7 @@ class SelectingLayer(CacheLayerMixin):
         self.keys = key_states[:, :, :0]
         self.values = value_states[:, :, :0]
         self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=self.device)
+        self.ranks = torch.zeros_like(self.positions)
         self.valid = torch.zeros(batch, heads, 0, dtype=torch.bool, device=self.device)
         self.sink = torch.zeros_like(self.valid)
         self.valid_seen = torch.zeros(batch, dtype=torch.long, device=self.device)
@@ -74,6 +79,7 @@ class SelectingLayer(CacheLayerMixin):
         self.keys = torch.cat([self.keys, key_states], dim=-2)
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, positions.expand(batch, heads, new)], dim=-1)
+        self.ranks = torch.cat([self.ranks, self.ranks.new_zeros(batch, heads, new)], dim=-1)
         self.valid = torch.cat([self.valid, self.valid.new_ones(batch, heads, new)], dim=-1)
         self.sink = torch.cat([self.sink, self.sink.new_zeros(batch, heads, new)], dim=-1)
         self.seen += new
@@ -109,12 +115,12 @@ class SelectingLayer(CacheLayerMixin):
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for name in ("keys", "values", "positions", "valid", "sink", "valid_seen"):
+        for name in PER_SEQUENCE:
             setattr(self, name, getattr(self, name)[indices])
         self.token_state = {k: v[indices] for k, v in self.token_state.items()}
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        for name in ("keys", "values", "positions", "valid", "sink", "valid_seen"):
+        for name in PER_SEQUENCE:
             setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
         self.token_state = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.token_state.items()}
 
@@ -153,6 +159,7 @@ class SelectingLayer(CacheLayerMixin):
         is_sink = new_valid & (rank < self.policy.n_sink)
         self.valid[..., -new:] = new_valid[:, None, :].expand(-1, heads, -1)
         self.sink[..., -new:] = is_sink[:, None, :].expand(-1, heads, -1)
+        self.ranks[..., -new:] = rank.clamp(min=0)[:, None, :].expand(-1, heads, -1)
         self.valid_seen = self.valid_seen + new_valid.long().sum(1)
 
     def protected_mask(self) -> torch.Tensor:
@@ -174,7 +181,9 @@ class SelectingLayer(CacheLayerMixin):
         scores = self.policy.score(self).float()
         scores = scores.masked_fill(self.protected_mask(), float("inf"))
         scores = scores.masked_fill(~self.valid, float("-inf"))
-        keep = scores.topk(budget, dim=-1).indices.sort(dim=-1).values
+        # a stable sort breaks exact ties (common after max-pooling) by storage order, so the
+        # choice does not depend on batch shape or padding
+        keep = scores.sort(dim=-1, descending=True, stable=True).indices[..., :budget].sort(dim=-1).values
         self._gather_tokens(keep)
         self.compressed = True
 
@@ -187,7 +196,8 @@ class SelectingLayer(CacheLayerMixin):
             return tensor.gather(2, idx)
 
         self.keys, self.values = take(self.keys), take(self.values)
-        self.positions, self.valid, self.sink = take(self.positions), take(self.valid), take(self.sink)
+        self.positions, self.ranks = take(self.positions), take(self.ranks)
+        self.valid, self.sink = take(self.valid), take(self.sink)
         self.token_state = {k: take(v) for k, v in self.token_state.items()}
 
 

@@ -11,12 +11,17 @@ from tokensift.policies.registry import register
 @register
 @dataclass
 class RandomPolicy(Policy):
-    """Keeps a random subset (plus sinks and the recent window), reproducible from ``seed``."""
+    """Keeps a random subset (plus sinks and the recent window).
+
+    Each token gets a fixed pseudo-random priority from (seed, layer, head, real-token rank), so the
+    choice is reproducible and does not depend on batch shape or on when selection runs.
+    """
 
     name = "random"
     paper = "baseline (random selection)"
     seed: int = 0
 
     def score(self, layer) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + layer.layer_idx * 1_009 + layer.seen)
-        return torch.rand(layer.positions.shape, generator=generator).to(layer.positions.device)
+        heads = torch.arange(layer.ranks.shape[1], device=layer.ranks.device)[None, :, None]
+        mix = layer.ranks.double() * 12.9898 + heads * 78.233 + layer.layer_idx * 37.719 + self.seed * 4.1414
+        return torch.frac(torch.sin(mix) * 43758.5453).abs().float()

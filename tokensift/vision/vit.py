@@ -200,3 +200,42 @@ def _finish(parts: VitParts, h, p, index, sizes, n_in, counts) -> VitRun:
     w = sizes.to(last.dtype).unsqueeze(-1)
     pooled = (last[:, p:] * w).sum(dim=1) / w.sum(dim=1)
     return VitRun(last, cls, pooled, index, sizes, n_in, counts)
+
+
+@dataclass
+class Encoded:
+    """Final-layer tokens (before the final norm) and the [CLS] attention row of every layer."""
+
+    hidden: torch.Tensor
+    cls_rows: list
+
+
+def encode(model: nn.Module, pixel_values: torch.Tensor) -> Encoded:
+    """Plain forward that keeps what output-side selection needs (one forward for many methods)."""
+    parts = vit_parts(model)
+    with torch.no_grad(), _routed(model):
+        h = parts.pre_norm(parts.embeddings(pixel_values))
+        _REC.record = True
+        for block in parts.layers:
+            out = block(h, None)
+            h = out[0] if isinstance(out, tuple) else out
+        return Encoded(h, list(_REC.cls_rows))
+
+
+def select_encoded(model: nn.Module, enc: Encoded, method: str | SelectorBase, budget: int | None = None,
+                   ratio: float | None = None, **params) -> VitRun:
+    """Apply a selector to the encoder's output tokens: what a VLM would receive.
+
+    Same result as ``run_vit(..., layer=last)`` for selection methods; ``tome`` here is the
+    one-shot selector version (merging on the output tokens).
+    """
+    parts = vit_parts(model)
+    selector = get_selector(method, **params) if isinstance(method, str) else method
+    p = parts.n_protected
+    B, n_in = enc.hidden.shape[0], enc.hidden.shape[1] - p
+    k = resolve_budget(n_in, budget, ratio)
+    index = torch.arange(n_in, device=enc.hidden.device).expand(B, n_in)
+    sizes = torch.ones(B, n_in, device=enc.hidden.device)
+    with torch.no_grad():
+        h, index, sizes = _select(selector, enc.hidden, p, k, index, sizes, enc.cls_rows)
+        return _finish(parts, h, p, index, sizes, n_in, [n_in] * len(parts.layers) + [k])

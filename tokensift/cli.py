@@ -1,0 +1,143 @@
+"""The ``tokensift`` command line: policies, generate, demo, bench, vision."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tokensift.errors import TokensiftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Decide which tokens matter, training-free.")
+console = Console(stderr=True)
+
+
+def parse_settings(settings: list[str] | None) -> dict[str, str]:
+    """``["k=v", ...]`` -> ``{"k": "v"}`` with a one-line error on malformed items."""
+    out = {}
+    for item in settings or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise TokensiftError(f"--set expects key=value, got '{item}'")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@app.command()
+def policies() -> None:
+    """List every registered policy with its parameters and paper."""
+    from tokensift.policies import POLICIES
+
+    table = Table(title="tokensift policies")
+    for column in ("policy", "parameters (defaults)", "paper"):
+        table.add_column(column, overflow="fold")
+    for name, cls in sorted(POLICIES.items()):
+        fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        table.add_row(name, fields, cls.paper)
+    Console().print(table)
+
+
+def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise TokensiftError("give exactly one of --prompt TEXT or --prompt-file FILE")
+    if prompt_file is None:
+        return prompt
+    if not prompt_file.is_file():
+        raise TokensiftError(f"prompt file not found: {prompt_file}")
+    return prompt_file.read_text(encoding="utf-8")
+
+
+@app.command()
+def generate(
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a file."),
+    question: Optional[str] = typer.Option(None, "--question", help="Appended after the prompt is compressed (query-agnostic)."),
+    model: Optional[str] = typer.Option(None, "--model", help="smollm2 (default), gemma3, a .gguf, a folder or a hub id."),
+    policy: str = typer.Option("full", "--policy", help="Policy name (see `tokensift policies`)."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Tokens kept per layer and KV head."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of tokens kept (0-1)."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="Policy parameter key=value (repeatable)."),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    seed: int = typer.Option(0, "--seed"),
+    chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
+    prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill in chunks (policy acts after each)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Generate text with a KV policy and report what the cache held."""
+    from tokensift.generate import generate as run_generate
+    from tokensift.models import load_model
+    from tokensift.policies import build_policy
+
+    if budget is not None and ratio is not None:
+        raise TokensiftError("give --budget or --ratio, not both")
+    chosen = build_policy(policy, budget=budget, ratio=ratio, **parse_settings(settings))
+    text = read_prompt(prompt, prompt_file)
+    model_obj, tokenizer = load_model(model)
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    stream = None if as_json else (lambda token: print(tokenizer.decode([token]), end="", flush=True))
+    result = run_generate(
+        model_obj, tokenizer, text, policy=chosen, question=question, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, seed=seed, prefill_chunk=prefill_chunk, on_token=stream,
+    )
+    if as_json:
+        print(json.dumps(result.as_dict()))
+        return
+    print()
+    console.print(
+        f"[dim]{result.policy}: {result.prompt_tokens} prompt + {result.new_tokens} new tokens, "
+        f"KV {result.kv_bytes / 2**20:.1f} MiB of {result.kv_bytes_full / 2**20:.1f} MiB full, "
+        f"{result.tokens_per_second:.1f} tok/s[/dim]"
+    )
+
+
+@app.command()
+def demo(
+    budget: int = typer.Option(512, "--budget"),
+    length: int = typer.Option(4096, "--length", help="Context length in tokens."),
+    samples: int = typer.Option(3, "--samples", help="Needle prompts (different depths)."),
+) -> None:
+    """Needle in a haystack at ~4k tokens: full cache vs policies at a budget, query-agnostic."""
+    from tokensift.demo import run_demo
+
+    run_demo(budget=budget, length=length, samples=samples)
+
+
+def register_optional_commands() -> None:
+    """Commands that live with their feature (vision, bench), when present."""
+    try:
+        from tokensift.vision.cli import register as register_vision
+    except ImportError:
+        return
+    register_vision(app)
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit status 2."""
+    register_optional_commands()
+    try:
+        app(standalone_mode=False)
+    except TokensiftError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as done:
+        sys.exit(done.exit_code)
+    except Exception as error:  # usage errors from typer's (vendored) click
+        if hasattr(error, "format_message") and hasattr(error, "exit_code"):
+            print(f"error: {error.format_message()}", file=sys.stderr)
+            sys.exit(2)
+        if type(error).__name__ == "Abort":
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()
