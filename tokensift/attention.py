@@ -1,9 +1,9 @@
 """The ``tokensift`` attention function, registered through transformers' AttentionInterface.
 
 While a layer holds exactly what a plain cache would, it defers to transformers' own SDPA
-function (so the ``full`` policy is bit-identical to plain ``generate``). Once a layer has
-been compressed, it builds the mask from the layer's own per-token validity and true
-positions. After attention, it lets the policy observe (attention statistics computed only
+function (so the ``full`` policy is bit-identical to plain ``generate``). Otherwise the layer
+attends itself (``SelectingLayer.attend``: a mask from its own per-token validity and true
+positions; storage variants override it). After attention, it lets the policy observe (attention statistics computed only
 when the policy needs them, chunked, never a full matrix) and enforces the budget.
 """
 
@@ -28,26 +28,6 @@ def new_token_validity(attention_mask: torch.Tensor | None, batch: int, q_len: i
     if new_block.dtype != torch.bool:
         new_block = new_block == 0
     return new_block.diagonal(dim1=-2, dim2=-1).expand(batch, q_len)
-
-
-def layer_mask(layer: SelectingLayer, q_len: int, query_valid: torch.Tensor, groups: int) -> torch.Tensor | None:
-    """The ``[batch, q_heads, q, kv]`` mask of a compressed layer: valid keys not after the query."""
-    query_positions = torch.arange(layer.seen - q_len, layer.seen, device=layer.keys.device)
-    if q_len == 1 and bool(layer.valid.all()):
-        return None
-    visible = layer.valid[:, :, None, :] & (layer.positions[:, :, None, :] <= query_positions[None, None, :, None])
-    visible = visible | ~query_valid[:, None, :, None]  # padding queries see everything: no empty rows
-    return visible.repeat_interleave(groups, dim=1)
-
-
-def compressed_attention(module, query, key, value, layer: SelectingLayer, query_valid, scaling) -> torch.Tensor:
-    """SDPA over a compressed layer's kept tokens, GQA-native; returns ``[batch, q, heads, dim]``."""
-    groups = query.shape[1] // key.shape[1]
-    mask = layer_mask(layer, query.shape[2], query_valid, groups)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1
-    )
-    return out.transpose(1, 2).contiguous()
 
 
 def attention_view(layer: SelectingLayer, query: torch.Tensor, query_valid: torch.Tensor, scaling: float) -> AttentionView:
@@ -76,7 +56,7 @@ def tokensift_attention(module, query, key, value, attention_mask, scaling=None,
     if layer.is_plain:
         output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     else:
-        output = compressed_attention(module, query, key, value, layer, query_valid, scaling)
+        output = layer.attend(query, key, value, query_valid, scaling)
     policy = layer.policy
     view = attention_view(layer, query, query_valid, scaling) if policy.needs_attention else None
     policy.observe(layer, view)

@@ -21,11 +21,9 @@ _LAST_UPDATED: list = [None]
 
 def take_last_updated(key: torch.Tensor) -> SelectingLayer | None:
     """Return the selecting layer that just returned ``key`` from ``update`` (once)."""
-    layer = _LAST_UPDATED[0]
+    layer, returned = _LAST_UPDATED[0] or (None, None)
     _LAST_UPDATED[0] = None
-    if layer is not None and layer.keys is key:
-        return layer
-    return None
+    return layer if returned is key else None
 
 
 class SelectingLayer(CacheLayerMixin):
@@ -83,7 +81,7 @@ class SelectingLayer(CacheLayerMixin):
         self.valid = torch.cat([self.valid, self.valid.new_ones(batch, heads, new)], dim=-1)
         self.sink = torch.cat([self.sink, self.sink.new_zeros(batch, heads, new)], dim=-1)
         self.seen += new
-        _LAST_UPDATED[0] = self
+        _LAST_UPDATED[0] = (self, self.keys)
         return self.keys, self.values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -150,6 +148,26 @@ class SelectingLayer(CacheLayerMixin):
         """Mean number of real (non-padding) tokens held per sequence and KV head."""
         return 0.0 if self.valid is None else float(self.valid.sum(-1).float().mean())
 
+    # ---------------------------------------------------------------- attention
+    def visibility(self, q_len: int, query_valid: torch.Tensor) -> torch.Tensor | None:
+        """``[batch, kv_heads, q, kept]`` bool: valid keys not after the query (None: all visible)."""
+        if q_len == 1 and bool(self.valid.all()):
+            return None
+        query_positions = torch.arange(self.seen - q_len, self.seen, device=self.positions.device)
+        visible = self.valid[:, :, None, :] & (self.positions[:, :, None, :] <= query_positions[None, None, :, None])
+        return visible | ~query_valid[:, None, :, None]  # padding queries see everything: no empty rows
+
+    def attend(self, query, key, value, query_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+        """SDPA of the new queries over the kept tokens, GQA-native; ``[batch, q, heads, dim]``."""
+        groups = query.shape[1] // key.shape[1]
+        mask = self.visibility(query.shape[2], query_valid)
+        if mask is not None:
+            mask = mask.repeat_interleave(groups, dim=1)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1
+        )
+        return out.transpose(1, 2).contiguous()
+
     # ---------------------------------------------------------------- selection
     def mark_new_tokens(self, new_valid: torch.Tensor) -> None:
         """Record which of the newest tokens are padding ([batch, new] bool) and which are sinks."""
@@ -212,8 +230,9 @@ class SelectingCache(Cache):
         text_config = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         num_layers = len(layer_types)
+        layer_class = getattr(policy, "layer_class", None) or SelectingLayer
         layers = [
-            SelectingLayer(i, num_layers, policy)
+            layer_class(i, num_layers, policy)
             if kind == "full_attention"
             else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
             for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs))
