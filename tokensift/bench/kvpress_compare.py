@@ -158,11 +158,12 @@ def make_runs(presses: list[str], keep_ratios: list[float]) -> list[dict]:
 
 def write_job(instances_path: Path, runs: list[dict], rows_path: Path, job_path: Path, threads: int) -> Path:
     """The json the worker reads."""
+    tokenizer_dir = _saved_tokenizer_dir()
     job = {
         "instances": str(instances_path),
         "out": str(rows_path),
         "gguf": str(embedded_gguf_path()),
-        "tokenizer": str(_saved_tokenizer_dir()),
+        "tokenizer": str(tokenizer_dir) if tokenizer_dir else None,
         "threads": threads,
         "runs": runs,
     }
