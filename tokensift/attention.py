@@ -30,6 +30,14 @@ def new_token_validity(attention_mask: torch.Tensor | None, batch: int, q_len: i
     return new_block.diagonal(dim1=-2, dim2=-1).expand(batch, q_len)
 
 
+def new_token_block(attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor | None:
+    """The new-token part ``[batch|1, 1, q, q]`` (bool) of a 4D mask, or None (causal)."""
+    if attention_mask is None or attention_mask.dim() != 4:
+        return None
+    block = attention_mask[..., -q_len:]
+    return block if block.dtype == torch.bool else block == 0
+
+
 def attention_view(layer: SelectingLayer, query: torch.Tensor, query_valid: torch.Tensor, scaling: float) -> AttentionView:
     """Everything a scorer needs about this attention call."""
     q_len = query.shape[2]
@@ -56,7 +64,7 @@ def tokensift_attention(module, query, key, value, attention_mask, scaling=None,
     if layer.is_plain:
         output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     else:
-        output = layer.attend(query, key, value, query_valid, scaling)
+        output = layer.attend(query, key, value, query_valid, scaling, new_token_block(attention_mask, q_len))
     policy = layer.policy
     view = attention_view(layer, query, query_valid, scaling) if policy.needs_attention else None
     policy.observe(layer, view)

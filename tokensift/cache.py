@@ -54,6 +54,7 @@ class SelectingLayer(CacheLayerMixin):
         self.valid_seen: torch.Tensor | None = None
         self.token_state: dict[str, torch.Tensor] = {}
         self.state: dict = {}
+        self.shared: dict = {}
 
     # ------------------------------------------------------------ transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -97,7 +98,9 @@ class SelectingLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        shared = self.shared
         self.__init__(self.layer_idx, self.num_layers, self.policy)
+        self.shared = shared
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the newest ``-tokens_to_remove`` tokens (speculative rollback)."""
@@ -149,18 +152,27 @@ class SelectingLayer(CacheLayerMixin):
         return 0.0 if self.valid is None else float(self.valid.sum(-1).float().mean())
 
     # ---------------------------------------------------------------- attention
-    def visibility(self, q_len: int, query_valid: torch.Tensor) -> torch.Tensor | None:
-        """``[batch, kv_heads, q, kept]`` bool: valid keys not after the query (None: all visible)."""
+    def visibility(self, query_valid: torch.Tensor, new_block: torch.Tensor | None) -> torch.Tensor | None:
+        """``[batch, kv_heads, q, kept]`` bool mask of the new queries (None: everything visible).
+
+        Kept past tokens are visible when valid; among the new tokens, ``new_block``
+        (``[batch|1, 1, q, q]``, causal when None; a tree mask during speculation) decides.
+        """
+        batch, heads, kept = self.valid.shape
+        q_len = query_valid.shape[1]
         if q_len == 1 and bool(self.valid.all()):
             return None
-        query_positions = torch.arange(self.seen - q_len, self.seen, device=self.positions.device)
-        visible = self.valid[:, :, None, :] & (self.positions[:, :, None, :] <= query_positions[None, None, :, None])
+        if new_block is None:
+            new_block = torch.ones(q_len, q_len, dtype=torch.bool, device=self.valid.device).tril()
+        past = self.valid[:, :, None, : kept - q_len].expand(batch, heads, q_len, kept - q_len)
+        new = new_block.expand(batch, heads, q_len, q_len)
+        visible = torch.cat([past, new], dim=-1)
         return visible | ~query_valid[:, None, :, None]  # padding queries see everything: no empty rows
 
-    def attend(self, query, key, value, query_valid: torch.Tensor, scaling: float) -> torch.Tensor:
+    def attend(self, query, key, value, query_valid: torch.Tensor, scaling: float, new_block=None) -> torch.Tensor:
         """SDPA of the new queries over the kept tokens, GQA-native; ``[batch, q, heads, dim]``."""
         groups = query.shape[1] // key.shape[1]
-        mask = self.visibility(query.shape[2], query_valid)
+        mask = self.visibility(query_valid, new_block)
         if mask is not None:
             mask = mask.repeat_interleave(groups, dim=1)
         out = torch.nn.functional.scaled_dot_product_attention(
@@ -239,6 +251,9 @@ class SelectingCache(Cache):
         ]
         super().__init__(layers=layers)
         self.policy = policy
+        self.shared: dict = {}  # cross-layer state (e.g. positions chosen by a selection layer)
+        for layer in self.selecting_layers:
+            layer.shared = self.shared
 
     @property
     def selecting_layers(self) -> list[SelectingLayer]:
