@@ -111,6 +111,60 @@ def demo(
     run_demo(budget=budget, length=length, samples=samples)
 
 
+def split_list(value: str | None, convert=str) -> list | None:
+    """``"a,b"`` -> ``["a", "b"]`` (None stays None), with a one-line error on bad items."""
+    if not value:
+        return None
+    try:
+        return [convert(item.strip()) for item in value.split(",") if item.strip()]
+    except ValueError:
+        raise TokensiftError(f"cannot read the list '{value}'") from None
+
+
+SUITE_RUNNERS = {
+    "vision": ("tokensift.bench.vision_suite", "run_vision_suite"),
+    "spec": ("tokensift.bench.spec_suite", "run_spec_suite"),
+    "sparse-speed": ("tokensift.bench.sparse_speed", "run_sparse_speed"),
+}
+TEXT_SUITES = ("quick", "standard", "full")
+
+
+@app.command()
+def bench(
+    suite: str = typer.Option("quick", "--suite", help="quick | standard | full | vision | spec | sparse-speed"),
+    policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated policy names/expressions."),
+    budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma-separated token budgets."),
+    ratios: Optional[str] = typer.Option(None, "--ratios", help="Comma-separated kept fractions."),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="Comma-separated context lengths."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="Comma-separated task names."),
+    protocols: Optional[str] = typer.Option(None, "--protocols", help="query_agnostic,query_aware"),
+    samples: Optional[int] = typer.Option(None, "--samples", help="Instances per task and length."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Output folder (rerun to resume)."),
+) -> None:
+    """Run a benchmark suite; writes results.jsonl, report.md and plots into --out."""
+    import importlib
+
+    if suite in SUITE_RUNNERS:
+        module_name, function = SUITE_RUNNERS[suite]
+        try:
+            runner = getattr(importlib.import_module(module_name), function)
+        except (ImportError, AttributeError):
+            raise TokensiftError(f"suite '{suite}' is not available in this installation") from None
+        runner(out)
+        return
+    if suite not in TEXT_SUITES:
+        raise TokensiftError(f"unknown suite '{suite}'; use one of: {', '.join(TEXT_SUITES + tuple(SUITE_RUNNERS))}")
+    from tokensift.bench.runner import BenchConfig, run_bench
+
+    config = BenchConfig.for_suite(
+        suite, policies=split_list(policies), budgets=split_list(budgets, int), ratios=split_list(ratios, float),
+        lengths=split_list(lengths, int), tasks=split_list(tasks), protocols=split_list(protocols),
+        samples=samples, seed=seed,
+    )
+    run_bench(config, out)
+
+
 def register_optional_commands() -> None:
     """Commands that live with their feature (vision, bench), when present."""
     try:
