@@ -65,11 +65,24 @@ def tokensift_attention(module, query, key, value, attention_mask, scaling=None,
         output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     else:
         output = layer.attend(query, key, value, query_valid, scaling, new_token_block(attention_mask, q_len))
+    record_queries(layer, query, scaling)
+    after_attention(layer, query, query_valid, scaling)
+    return output, None
+
+
+def after_attention(layer: SelectingLayer, query: torch.Tensor, query_valid: torch.Tensor, scaling: float) -> None:
+    """Let the policy observe this call (statistics only if it needs them), then enforce the budget."""
     policy = layer.policy
     view = attention_view(layer, query, query_valid, scaling) if policy.needs_attention else None
     policy.observe(layer, view)
     layer.enforce_budget()
-    return output, None
+
+
+def record_queries(layer: SelectingLayer, query: torch.Tensor, scaling: float) -> None:
+    """Keep this layer's queries when the cache asks for it (the benchmark replays prefills)."""
+    recording = layer.shared.get("record_queries")
+    if recording is not None:
+        recording[layer.layer_idx] = (query, scaling)
 
 
 def register() -> None:
