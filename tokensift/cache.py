@@ -112,6 +112,29 @@ class SelectingLayer(CacheLayerMixin):
         self._gather_tokens(slice(0, self.kept - count))
         self.seen -= count
 
+    def keep_new_tokens(self, new: int, indices) -> None:
+        """Speculative rollback: keep the past and only ``indices`` (in order) of the ``new`` newest
+        tokens, renumbered to consecutive true positions (the accepted path of a draft tree).
+
+        The ``new`` tokens must still be the last stored ones (verify with eviction deferred).
+        """
+        if not self.is_initialized or new == 0:
+            return
+        idx = torch.as_tensor(indices, dtype=torch.long, device=self.device)
+        past, count = self.kept - new, int(idx.numel())
+        start = self.seen - new
+        if past < 0 or int(self.positions[..., past:].min()) < start:
+            raise RuntimeError("cannot roll back: some of the newest tokens were already evicted")
+        batch, heads = self.keys.shape[:2]
+        keep = torch.cat([torch.arange(past, device=self.device), past + idx])
+        self._gather_tokens(keep.expand(batch, heads, -1))
+        step = torch.arange(count, device=self.device)
+        self.valid_seen = self.valid_seen - (new - count)
+        self.positions[..., past:] = start + step
+        self.ranks[..., past:] = (self.valid_seen - count)[:, None, None] + step
+        self.sink[..., past:] = self.valid[..., past:] & (self.ranks[..., past:] < self.policy.n_sink)
+        self.seen = start + count
+
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
@@ -285,6 +308,23 @@ class SelectingCache(Cache):
         """Apply pending evictions now (after a deferred stretch)."""
         for layer in self.selecting_layers:
             layer.enforce_budget()
+
+    def keep_new_tokens(self, new: int, indices) -> None:
+        """Speculative rollback on every layer (see :meth:`SelectingLayer.keep_new_tokens`).
+
+        Transformers' own full-cache layers are trimmed the same way; sliding-window layers are
+        not supported (speculation needs full-attention layers).
+        """
+        for layer in self.layers:
+            if isinstance(layer, SelectingLayer):
+                layer.keep_new_tokens(new, indices)
+            elif getattr(layer, "is_sliding", False):
+                raise RuntimeError("speculative rollback needs full-attention layers (no sliding window)")
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                idx = torch.as_tensor(indices, dtype=torch.long, device=layer.keys.device)
+                past = layer.keys.shape[-2] - new
+                layer.keys = torch.cat([layer.keys[:, :, :past], layer.keys[:, :, past + idx]], dim=-2)
+                layer.values = torch.cat([layer.values[:, :, :past], layer.values[:, :, past + idx]], dim=-2)
 
 
 def _held_bytes(layer) -> int:
