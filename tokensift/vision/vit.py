@@ -239,3 +239,12 @@ def select_encoded(model: nn.Module, enc: Encoded, method: str | SelectorBase, b
     with torch.no_grad():
         h, index, sizes = _select(selector, enc.hidden, p, k, index, sizes, enc.cls_rows)
         return _finish(parts, h, p, index, sizes, n_in, [n_in] * len(parts.layers) + [k])
+
+
+def finish_encoded(model: nn.Module, enc: Encoded) -> VitRun:
+    """The plain model's outputs from ``encode`` (identical to ``run_vit(model, px)``)."""
+    parts = vit_parts(model)
+    p = parts.n_protected
+    B, n_in = enc.hidden.shape[0], enc.hidden.shape[1] - p
+    with torch.no_grad():
+        return _finish(parts, enc.hidden, p, None, torch.ones(B, n_in), n_in, [n_in] * (len(parts.layers) + 1))
