@@ -1,0 +1,55 @@
+"""Cost-aware adaptive drafting (after SpecDec++): per-key acceptance history and the choice of
+how many tree nodes to verify.
+
+Every drafted node carries the stats keys of the drafters that proposed it (drafter, depth,
+sibling rank or n-gram length...). ``AcceptanceStats`` keeps a forgetting average of
+P(node accepted | parent accepted) per key. A node's path probability is the product of its
+ancestors' rates; the expected number of accepted draft tokens of a tree is the sum of its
+nodes' path probabilities. ``choose_size`` picks the number of nodes ``n`` (among the sizes
+the cost curve was measured at) maximising ``(1 + E[accepted]) / cost(1 + n)``; ``n = 0``
+(plain decoding, ratio 1) wins whenever nothing is likely enough to pay for its cost.
+"""
+
+from __future__ import annotations
+
+
+class AcceptanceStats:
+    """Forgetting averages of acceptance per key, with a prior."""
+
+    def __init__(self, prior: float = 0.3, prior_weight: float = 2.0, decay: float = 0.97):
+        self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
+        self.table: dict = {}  # key -> [accepted, tried]
+
+    def rate(self, key) -> float:
+        accepted, tried = self.table.get(key, (0.0, 0.0))
+        return (accepted + self.prior * self.prior_weight) / (tried + self.prior_weight)
+
+    def record(self, key, accepted: bool) -> None:
+        entry = self.table.setdefault(key, [0.0, 0.0])
+        entry[0] = entry[0] * self.decay + float(accepted)
+        entry[1] = entry[1] * self.decay + 1.0
+
+    def state_dict(self) -> dict:
+        return {"prior": self.prior, "prior_weight": self.prior_weight, "decay": self.decay,
+                "table": [[list(k) if isinstance(k, tuple) else k, v] for k, v in self.table.items()]}
+
+
+def choose_size(probs: list[float], cost, max_nodes: int, lazy_head: bool = True) -> tuple[int, float]:
+    """Best number of draft nodes for ranked path probabilities ``probs``; returns (n, gain).
+
+    ``gain`` is the expected tokens per unit cost relative to plain decoding (1.0 at n = 0).
+    """
+    best_n, best_gain = 0, 1.0
+    prefix = [0.0]
+    for p in probs[:max_nodes]:
+        prefix.append(prefix[-1] + p)
+    for q in cost.sizes:
+        n = q - 1
+        if n <= 0 or n > len(probs) or n > max_nodes:
+            continue
+        expected = prefix[n]
+        rows = min(q, 1.0 + expected) if lazy_head else q
+        gain = (1.0 + expected) / cost.relative(q, rows, speculative=True)
+        if gain > best_gain:
+            best_n, best_gain = n, gain
+    return best_n, best_gain

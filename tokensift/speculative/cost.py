@@ -1,0 +1,137 @@
+"""The measured cost of verifying q tokens in one forward on this machine.
+
+A forward of q new tokens = the transformer body over q tokens + the output layer over the
+rows whose logits are needed (all q with the stock forward; only the accepted path + 1 with
+the lazy head, see ``engine``). Both parts are timed at a given context length and thread
+count, and cached on disk (``~/.cache/tokensift/spec/``), since they are a property of the
+machine. The costs are relative: ``relative(1, 1) == 1`` is one plain decoding step.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
+HEAD_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+def _interp(table: dict[int, float], x: float) -> float:
+    keys = sorted(table)
+    if x <= keys[0]:
+        return table[keys[0]] * x / keys[0] if x < keys[0] else table[keys[0]]
+    for low, high in zip(keys, keys[1:]):
+        if x <= high:
+            t = (x - low) / (high - low)
+            return table[low] * (1 - t) + table[high] * t
+    return table[keys[-1]] * x / keys[-1]
+
+
+@dataclass
+class CostModel:
+    body: dict[int, float]  # q -> seconds (transformer body, q new tokens)
+    head: dict[int, float]  # rows -> seconds (output layer)
+    overhead: float = 0.0  # seconds of drafting/bookkeeping per speculative step
+    context: int = 512
+    threads: int = 1
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def sizes(self) -> list[int]:
+        return sorted(self.body)
+
+    def seconds(self, q: int, rows: float) -> float:
+        return _interp(self.body, q) + _interp(self.head, max(rows, 1.0))
+
+    def relative(self, q: int, rows: float | None = None, speculative: bool = False) -> float:
+        rows = q if rows is None else rows
+        extra = self.overhead if speculative and q > 1 else 0.0
+        return (self.seconds(q, rows) + extra) / self.seconds(1, 1)
+
+    def curve(self, lazy: bool) -> dict[int, float]:
+        """cost(q)/cost(1) per measured q: stock (all rows) or lazy head (2 rows)."""
+        return {q: round(self.relative(q, min(q, 2) if lazy else q), 3) for q in self.sizes}
+
+    @classmethod
+    def synthetic(cls, slope: float = 0.08) -> CostModel:
+        """A made-up linear-ish curve (tests)."""
+        return cls({q: 1.0 + slope * (q - 1) for q in SIZES}, {r: 0.0 for r in HEAD_ROWS}, 0.0)
+
+    def save(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, path: Path) -> CostModel:
+        data = json.loads(Path(path).read_text())
+        data["body"] = {int(k): v for k, v in data["body"].items()}
+        data["head"] = {int(k): v for k, v in data["head"].items()}
+        return cls(**data)
+
+
+def _timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.inference_mode()
+def measure_cost(model, context: int = 512, sizes=SIZES, head_rows=HEAD_ROWS, repeats: int = 5) -> CostModel:
+    """Time the body over q new tokens (over a ``context``-token cache) and the output layer."""
+    from tokensift.cache import make_cache
+    from tokensift.policies import build_policy
+    from tokensift.speculative.tree import DraftTree
+
+    config = model.config.get_text_config(decoder=True)
+    cache = make_cache(model, build_policy("full"))
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(10, config.vocab_size, (1, context + max(sizes)), generator=generator)
+    model.model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
+    body = {}
+    for q in sizes:
+        tree = DraftTree.chain(int(ids[0, context]), ids[0, context + 1:context + q].tolist())
+        mask, positions = tree.attention_mask(context), tree.position_ids(context)
+
+        def run():
+            model.model(input_ids=ids[:, context:context + q], attention_mask=mask, position_ids=positions,
+                        past_key_values=cache, use_cache=True)
+            cache.keep_new_tokens(q, [])
+
+        run()
+        body[q] = _timed(run, repeats)
+    head_layer = model.get_output_embeddings()
+    hidden = torch.randn(1, max(head_rows), config.hidden_size)
+    head = {}
+    for rows in head_rows:
+        head_layer(hidden[:, :rows])
+        head[rows] = _timed(lambda: head_layer(hidden[:, :rows]), repeats)
+    return CostModel(body, head, 0.0, context, torch.get_num_threads())
+
+
+def default_cost_path(model) -> Path:
+    from tokensift.models import cache_root
+
+    config = model.config.get_text_config(decoder=True)
+    name = f"{type(model).__name__}-{config.hidden_size}x{config.num_hidden_layers}-v{config.vocab_size}"
+    return cache_root() / "spec" / f"cost-{name}-t{torch.get_num_threads()}.json"
+
+
+def cost_for(model, path: Path | None = None, refresh: bool = False) -> CostModel:
+    """The cached cost curve of ``model`` at the current thread count (measured once)."""
+    path = path or default_cost_path(model)
+    if path.exists() and not refresh:
+        try:
+            return CostModel.load(path)
+        except (ValueError, KeyError, TypeError):
+            pass
+    cost = measure_cost(model)
+    cost.save(path)
+    return cost

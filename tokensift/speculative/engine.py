@@ -1,0 +1,256 @@
+"""The speculative decode loop: draft a tree, verify it in one forward, keep the longest
+matching path, roll the cache back to it.
+
+Lossless by construction: at every accepted position the token is the model's own choice
+(greedy argmax, or a sample from its temperature/top-p distribution) computed from the hidden
+state of the tree node whose ancestors are exactly the accepted prefix; drafts only decide how
+many of those choices one forward yields. The output layer is applied lazily, row by row, to
+the nodes the walk actually visits (the accepted path + 1), so rejected nodes cost only their
+share of the transformer body.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from tokensift.cache import SelectingCache, SelectingLayer, make_cache
+from tokensift.errors import TokensiftError
+from tokensift.generate import choose_next, encode, model_context_length, resolve_policy
+from tokensift.speculative.adaptive import AcceptanceStats, choose_size
+from tokensift.speculative.base import Drafter
+from tokensift.speculative.cost import CostModel, cost_for
+from tokensift.speculative.tree import CandidateTree, DraftTree
+
+DRAFTER_NAMES = ("recycling", "prompt_lookup", "lookahead", "auto")
+
+
+def build_drafters(name: str, vocab_size: int) -> list[Drafter]:
+    """``recycling`` | ``prompt_lookup`` | ``lookahead`` | ``auto`` (all three in one tree)."""
+    from tokensift.speculative.lookahead import Lookahead
+    from tokensift.speculative.prompt_lookup import PromptLookup
+    from tokensift.speculative.recycling import Recycling
+
+    makers = {
+        "recycling": lambda: [Recycling(vocab_size)],
+        "prompt_lookup": lambda: [PromptLookup()],
+        "lookahead": lambda: [Lookahead()],
+        "auto": lambda: [PromptLookup(), Lookahead(), Recycling(vocab_size)],
+    }
+    if name not in makers:
+        raise TokensiftError(f"unknown drafter '{name}'; use one of: {', '.join(DRAFTER_NAMES)}")
+    return makers[name]()
+
+
+@dataclass
+class SpecResult:
+    """What ``Speculator.generate`` returns; ``as_dict()`` is the CLI's JSON."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    steps: int
+    accepted_per_step: float  # tokens emitted per verification forward (accepted drafts + 1)
+    tokens_per_second: float
+    prefill_seconds: float
+    decode_seconds: float
+    seconds: float
+    drafter: str
+    policy: str
+    mean_tree_nodes: float
+    accepted_by_drafter: dict = field(default_factory=dict)  # accepted draft tokens per drafter
+    kv_tokens: float = 0.0
+    kv_bytes: int = 0
+    params: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Speculator:
+    """Draft-free speculative decoding with state (drafters, acceptance history) kept across prompts.
+
+    ``adaptive=True``: each step verifies the number of nodes that maximises expected tokens per
+    measured cost (possibly none); ``fixed_nodes=N``: always the N most likely nodes.
+    """
+
+    def __init__(self, model, drafter: str | list[Drafter] = "auto", *, cost: CostModel | None = None,
+                 fixed_nodes: int | None = None, max_nodes: int = 63, stats: AcceptanceStats | None = None):
+        config = model.config.get_text_config(decoder=True)
+        layer_types = getattr(config, "layer_types", None) or []
+        if any(kind != "full_attention" for kind in layer_types):
+            raise TokensiftError("speculative decoding needs a model whose layers are all full attention (no sliding window)")
+        self.model = model
+        self.name = drafter if isinstance(drafter, str) else "+".join(d.name for d in drafter)
+        self.drafters = build_drafters(drafter, config.vocab_size) if isinstance(drafter, str) else list(drafter)
+        self.fixed_nodes = fixed_nodes
+        self.max_nodes = fixed_nodes if fixed_nodes is not None else max_nodes
+        if self.max_nodes < 0:
+            raise TokensiftError("the number of tree nodes must be >= 0")
+        self.cost = cost
+        self.stats = stats or AcceptanceStats()
+        self.head = model.get_output_embeddings()
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.logit_scale = getattr(config, "logit_scale", None)
+        self.lazy_head = True
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer on some rows (with the model's logit scale / softcap, if any)."""
+        logits = self.head(hidden)
+        if self.logit_scale:
+            logits = logits * self.logit_scale
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def drafter(self, name: str) -> Drafter:
+        return next(d for d in self.drafters if d.name == name)
+
+    # ------------------------------------------------------------------ drafting
+    def draft(self, context: list[int]) -> DraftTree:
+        if self.max_nodes == 0:
+            return DraftTree.chain(context[-1], [])
+        tree = CandidateTree(context[-1])
+        for drafter in self.drafters:
+            drafter.propose(context, tree, self.stats)
+        order = tree.ranked()
+        if self.fixed_nodes is not None:
+            chosen = order[: self.fixed_nodes]
+        else:
+            probs = [tree.nodes[i].prob for i in order]
+            n, _ = choose_size(probs, self.cost, self.max_nodes, self.lazy_head)
+            chosen = order[:n]
+        return tree.subtree(chosen)
+
+    # -------------------------------------------------------------- verification
+    def verify(self, tree: DraftTree, cache: SelectingCache, temperature: float, top_p: float,
+               generator: torch.Generator) -> tuple[list[int], int]:
+        """One forward over the tree; returns (accepted node indices incl. the root, next token)."""
+        q = len(tree)
+        seen = cache.get_seq_length()
+        ids = torch.tensor([tree.tokens], dtype=torch.long)
+        mask = tree.attention_mask(seen) if q > 1 else None
+        cache.set_defer_eviction(True)
+        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=tree.position_ids(seen),
+                               past_key_values=cache, use_cache=True)
+        hidden = out.last_hidden_state
+        node, path = 0, [0]
+        while True:
+            logits = self.logits(hidden[:, node:node + 1])[:, 0].float()
+            for drafter in self.drafters:
+                drafter.observe(tree.tokens[node], logits[0])
+            token = int(choose_next(logits, temperature, top_p, generator)[0])
+            children = tree.children(node)
+            child = children.get(token)
+            for other in children.values():
+                for key in tree.sources[other]:
+                    self.stats.record(key, other == child)
+            if child is None:
+                break
+            path.append(child)
+            node = child
+        cache.keep_new_tokens(q, path)
+        cache.set_defer_eviction(False)
+        cache.enforce_budget()
+        return path, token
+
+    # ------------------------------------------------------------------ the loop
+    @torch.inference_mode()
+    def generate(self, tokenizer, prompt, *, policy=None, max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+                 on_token: Callable[[int], None] | None = None, cache: SelectingCache | None = None,
+                 prefill_chunk: int | None = None) -> SpecResult:
+        policy = resolve_policy(policy)
+        ids = encode(tokenizer, prompt)
+        if not ids:
+            raise TokensiftError("the prompt is empty")
+        limit = model_context_length(self.model)
+        if limit and len(ids) + max_new_tokens + self.max_nodes > limit:
+            if len(ids) + max_new_tokens > limit:
+                raise TokensiftError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's context of {limit} tokens")
+            raise TokensiftError(f"a draft tree of {self.max_nodes} nodes does not fit the model's context of {limit} tokens "
+                                 f"after {len(ids)} prompt + {max_new_tokens} new tokens")
+        if self.cost is None and self.fixed_nodes is None:
+            self.cost = cost_for(self.model)
+        cache = cache or make_cache(self.model, policy)
+        if not isinstance(cache, SelectingCache) or not all(isinstance(l, SelectingLayer) for l in cache.layers):
+            raise TokensiftError("speculative decoding needs a tokensift SelectingCache over full-attention layers")
+        generator = torch.Generator().manual_seed(seed)
+        eos = tokenizer.eos_token_id if stop_at_eos else None
+
+        start = time.perf_counter()
+        step = prefill_chunk or max(len(ids) - 1, 1)
+        for begin in range(0, len(ids) - 1, step):
+            chunk = ids[begin:min(begin + step, len(ids) - 1)]
+            self.model.model(input_ids=torch.tensor([chunk]), position_ids=torch.arange(begin, begin + len(chunk))[None],
+                             past_key_values=cache, use_cache=True)
+        context = list(ids)
+        for drafter in self.drafters:
+            drafter.begin(context)
+        prefill_seconds = time.perf_counter() - start
+
+        decode_start = time.perf_counter()
+        output: list[int] = []
+        steps, nodes = 0, 0
+        accepted_by = {d.name: 0 for d in self.drafters}
+        overhead = 0.0
+        while len(output) < max_new_tokens:
+            t0 = time.perf_counter()
+            tree = self.draft(context)
+            t1 = time.perf_counter()
+            path, token = self.verify(tree, cache, temperature, top_p, generator)
+            t2 = time.perf_counter()
+            steps += 1
+            nodes += len(tree) - 1
+            for index in path[1:]:
+                for key in tree.sources[index]:
+                    accepted_by[key[0]] = accepted_by.get(key[0], 0) + 1
+            new = [tree.tokens[i] for i in path[1:]] + [token]
+            new = new[: max_new_tokens - len(output)]
+            if eos is not None and eos in new:
+                new = new[: new.index(eos) + 1]
+            output.extend(new)
+            context.extend(new)
+            for drafter in self.drafters:
+                drafter.extend(context, len(new))
+            if on_token is not None:
+                for t in new:
+                    on_token(t)
+            if len(tree) > 1:
+                overhead = 0.9 * overhead + 0.1 * ((t1 - t0) + (time.perf_counter() - t2))
+                if self.cost is not None:
+                    self.cost.overhead = overhead
+            if eos is not None and new and new[-1] == eos:
+                break
+        decode_seconds = time.perf_counter() - decode_start
+        for drafter in self.drafters:
+            drafter.end(context)
+        return SpecResult(
+            text=tokenizer.decode(output, skip_special_tokens=True),
+            token_ids=output,
+            prompt_tokens=len(ids),
+            new_tokens=len(output),
+            steps=steps,
+            accepted_per_step=len(output) / max(steps, 1),
+            tokens_per_second=len(output) / decode_seconds if decode_seconds > 0 else 0.0,
+            prefill_seconds=prefill_seconds,
+            decode_seconds=decode_seconds,
+            seconds=prefill_seconds + decode_seconds,
+            drafter=self.name,
+            policy=policy.name,
+            mean_tree_nodes=nodes / max(steps, 1),
+            accepted_by_drafter=accepted_by,
+            kv_tokens=cache.kv_tokens(),
+            kv_bytes=cache.kv_bytes,
+            params=policy.params(),
+        )
+
+
+def speculative_generate(model, tokenizer, prompt, *, speculate: str = "auto", **kwargs) -> SpecResult:
+    """One-shot convenience: a fresh ``Speculator`` (no state carried across calls)."""
+    options = {k: kwargs.pop(k) for k in ("cost", "fixed_nodes", "max_nodes") if k in kwargs}
+    return Speculator(model, speculate, **options).generate(tokenizer, prompt, **kwargs)
