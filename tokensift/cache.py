@@ -284,8 +284,8 @@ class SelectingCache(Cache):
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes actually held in the K/V tensors of every layer."""
-        return sum(_held_bytes(layer) for layer in self.layers)
+        """Bytes actually held in the K/V tensors of every layer (storage variants count their own)."""
+        return sum(layer.kv_bytes if isinstance(layer, SelectingLayer) else _held_bytes(layer) for layer in self.layers)
 
     @property
     def kv_bytes_full(self) -> int:
@@ -337,6 +337,12 @@ def _held_bytes(layer) -> int:
 def make_cache(model, policy: Policy) -> SelectingCache:
     """A selecting cache for ``model``; switches the model to the tokensift attention function."""
     from tokensift.attention import use_tokensift_attention
+    from tokensift.hooks import install_input_ids_hook
 
     use_tokensift_attention(model)
-    return SelectingCache(model.config, policy)
+    install_input_ids_hook(model)  # cache.shared["input_ids"] for policies that read token ids
+    cache = SelectingCache(model.config, policy)
+    prepare = getattr(policy, "prepare", None)  # once per cache, with the model (e.g. calibration)
+    if prepare is not None:
+        prepare(model)
+    return cache
