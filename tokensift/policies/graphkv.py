@@ -1,0 +1,94 @@
+"""GraphKV: select iteratively; each chosen token decays the scores of similar tokens."""
+
+from dataclasses import dataclass
+
+import torch
+
+from tokensift.errors import TokensiftError
+from tokensift.policies.registry import register
+from tokensift.policies.wrapper import Wrapper
+
+
+@register
+@dataclass
+class GraphKV(Wrapper):
+    """Wrapper: redundancy-aware selection over a cosine-similarity graph of the keys.
+
+    "GraphKV: Breaking the Static Selection Paradigm with Graph-Based KV Cache Eviction"
+    (2025). Tokens are nodes carrying the inner policy's scores; edges are the cosine
+    similarities of their (per-head mean-centred) keys. Selection is greedy, ``step`` tokens
+    per round: the protected tokens are selected first, then each round picks the highest
+    current scores, and every selected token decays the score of each unselected token i to
+    ``base_i * (1 - decay * max(0, max_sim(i, selected)))`` — a token similar to one already
+    kept adds little. Only the similarity rows of selected tokens are computed (no ``n x n``
+    matrix). The returned scores are each token's decayed score at the moment it was picked
+    (non-increasing along the greedy order), so top-``budget`` reproduces the greedy choice
+    and stays comparable across heads (usable inside ``adakv``).
+    """
+
+    name = "graphkv"
+    paper = "GraphKV: Breaking the Static Selection Paradigm with Graph-Based KV Cache Eviction (2025)"
+    decay: float = 0.5
+    step: int = 8
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0.0 <= self.decay <= 1.0 or self.step < 1:
+            raise TokensiftError(f"graphkv: decay must be in [0, 1] and step >= 1 (got {self.decay}, {self.step})")
+
+    def score(self, layer) -> torch.Tensor:
+        base = positive(self.inner.score(layer).float(), layer.valid)
+        budget = self.layer_budget(layer.layer_idx, layer.num_layers, int(layer.valid_seen.max()))
+        selected = layer.protected_mask() & layer.valid
+        return greedy_decay(base, unit_keys(layer.keys, layer.valid), selected, layer.valid, budget, self.decay, self.step)
+
+
+def positive(scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Shift each head's valid scores to be > 0 (order kept) so multiplicative decay lowers them."""
+    low = scores.masked_fill(~valid, float("inf")).amin(dim=-1, keepdim=True)
+    low = torch.where(torch.isfinite(low), low, torch.zeros_like(low))
+    return (scores - low + 1e-6).masked_fill(~valid, 0.0)
+
+
+def unit_keys(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Keys centred on their per-head mean (real tokens only) and scaled to unit length."""
+    weights = valid.float()[..., None]
+    mean = (keys.float() * weights).sum(dim=2, keepdim=True) / weights.sum(dim=2, keepdim=True).clamp(min=1.0)
+    return torch.nn.functional.normalize(keys.float() - mean, dim=-1)
+
+
+def similarity_to(keys: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """``[batch, heads, n]``: each token's largest cosine to the tokens where ``chosen`` is True."""
+    sims = torch.matmul(keys, keys.transpose(-1, -2)) if chosen.shape[-1] <= 64 else None
+    if sims is not None:
+        return sims.masked_fill(~chosen[:, :, None, :], float("-inf")).amax(dim=-1)
+    best = torch.full(chosen.shape, float("-inf"), device=keys.device)
+    for begin in range(0, keys.shape[2], 256):
+        block = torch.matmul(keys, keys[:, :, begin:begin + 256].transpose(-1, -2))
+        block = block.masked_fill(~chosen[:, :, None, begin:begin + 256], float("-inf"))
+        best = torch.maximum(best, block.amax(dim=-1))
+    return best
+
+
+def greedy_decay(base, keys, selected, valid, budget: int, decay: float, step: int) -> torch.Tensor:
+    """Greedy redundancy-aware selection; returns scores whose top-``budget`` is the greedy set."""
+    selected = selected.clone()
+    closest = similarity_to(keys, selected).clamp(min=0.0)
+    current = base * (1.0 - decay * closest)
+    final = current.clone()
+    available = valid & ~selected
+    remaining = budget - int(selected.sum(-1).min())
+    while remaining > 0 and bool(available.any()):
+        take = min(step, remaining)
+        candidates = current.masked_fill(~available, float("-inf"))
+        picked = candidates.topk(min(take, candidates.shape[-1]), dim=-1).indices  # [b, h, take]
+        picked_ok = available.gather(-1, picked)
+        final.scatter_(-1, picked, torch.where(picked_ok, current.gather(-1, picked), final.gather(-1, picked)))
+        available.scatter_(-1, picked, torch.zeros_like(picked_ok))
+        picked_keys = keys.gather(2, picked[..., None].expand(-1, -1, -1, keys.shape[-1]))
+        sims = torch.matmul(picked_keys, keys.transpose(-1, -2))  # [b, h, take, n]
+        sims = sims.masked_fill(~picked_ok[..., None], float("-inf")).amax(dim=2)
+        closest = torch.maximum(closest, sims.clamp(min=0.0))
+        current = torch.minimum(current, base * (1.0 - decay * closest))
+        remaining -= take
+    return torch.where(available, current, final).masked_fill(~valid, float("-inf"))
