@@ -1,4 +1,4 @@
-"""Tiny randomly initialised VLMs (LLaVA, Qwen2-VL, Idefics3/SmolVLM) with matching inputs.
+"""Tiny randomly initialised VLMs (LLaVA, LLaVA-NeXT, Qwen2-VL, Idefics3, SmolVLM) with inputs.
 
 No pretrained VLM is reachable here; these prove the wrapper's mechanics (positions, masks,
 caches, ``generate``) on every supported class. Not for quality claims.
@@ -10,7 +10,7 @@ import torch
 
 VOCAB = 128
 IMAGE_TOKEN = 100
-KINDS = ("llava", "qwen2_vl", "idefics3")
+KINDS = ("llava", "llava_next", "qwen2_vl", "idefics3", "smolvlm")
 
 
 def _text_config(**extra) -> dict:
@@ -30,6 +30,18 @@ def tiny_llava():
                          image_token_id=IMAGE_TOKEN, vision_feature_layer=-2,
                          vision_feature_select_strategy="default")
     return LlavaForConditionalGeneration(config)
+
+
+def tiny_llava_next():
+    """A ``LlavaNextForConditionalGeneration`` (any-resolution tiles + newline tokens)."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=56, patch_size=14, projection_dim=32)
+    config = LlavaNextConfig(vision_config=vision, text_config=LlamaConfig(**_text_config()),
+                             image_token_index=IMAGE_TOKEN, image_grid_pinpoints=[[56, 56], [56, 112]],
+                             vision_feature_layer=-2)
+    return LlavaNextForConditionalGeneration(config)
 
 
 def tiny_qwen2_vl():
@@ -56,10 +68,23 @@ def tiny_idefics3():
     return Idefics3ForConditionalGeneration(config)
 
 
+def tiny_smolvlm():
+    """A ``SmolVLMForConditionalGeneration``."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=112, patch_size=14)
+    config = SmolVLMConfig(vision_config=vision, text_config=_text_config(), image_token_id=IMAGE_TOKEN,
+                           scale_factor=2)
+    return SmolVLMForConditionalGeneration(config)
+
+
 def tiny_vlm(kind: str, seed: int = 0):
     """A tiny VLM of ``kind`` in eval mode (fp32, seeded)."""
     torch.manual_seed(seed)
-    model = {"llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl, "idefics3": tiny_idefics3}[kind]()
+    builders = {"llava": tiny_llava, "llava_next": tiny_llava_next, "qwen2_vl": tiny_qwen2_vl,
+                "idefics3": tiny_idefics3, "smolvlm": tiny_smolvlm}
+    model = builders[kind]()
     return model.eval()
 
 
@@ -69,6 +94,10 @@ def tiny_inputs(kind: str, batch: int = 1, seed: int = 0) -> dict:
     text = lambda n: torch.randint(3, 90, (batch, n), generator=gen)
     if kind == "llava":
         n_img, pixels = 16, {"pixel_values": torch.randn(batch, 3, 56, 56, generator=gen)}
+    elif kind == "llava_next":
+        n_img = 52  # base tile 4x4 + a 56x112 image as 4x8 features with 4 newline tokens
+        pixels = {"pixel_values": torch.randn(batch, 3, 3, 56, 56, generator=gen),
+                  "image_sizes": torch.tensor([[56, 112]] * batch)}
     elif kind == "qwen2_vl":
         n_img = 16
         pixels = {"pixel_values": torch.randn(batch * 64, 3 * 2 * 14 * 14, generator=gen),

@@ -1,7 +1,7 @@
 """Select visual tokens in front of (stage 1) and inside (stage 2) a VLM's language model.
 
-``VisualTokenPruner(model, method, ratio=...)`` wraps a ``transformers`` LLaVA-family,
-Qwen2-VL or Idefics3/SmolVLM model; its ``generate(**inputs)`` runs the model's own
+``VisualTokenPruner(model, method, ratio=...)`` wraps a ``transformers`` LLaVA, LLaVA-NeXT,
+Qwen2-VL, Idefics3 or SmolVLM model (each tested on a tiny random instance); its ``generate(**inputs)`` runs the model's own
 ``generate`` with hooks (removed afterwards):
 
 * stage 1 — in the prefill, the language model's inputs (visual tokens after the vision tower
@@ -29,8 +29,7 @@ from .selectors import get_selector, resolve_budget
 from .selectors.base import gather_tokens
 
 ATTN_NAME = "tokensift_vlm"
-SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
-             "LlavaOnevisionForConditionalGeneration", "Qwen2VLForConditionalGeneration",
+SUPPORTED = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration", "Qwen2VLForConditionalGeneration",
              "Idefics3ForConditionalGeneration", "SmolVLMForConditionalGeneration")
 
 
