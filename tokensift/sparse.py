@@ -321,17 +321,14 @@ def gather_attend(query, key, value, index, ok, scaling: float, query_valid=None
         key, value = key.contiguous(), value.contiguous()
     keys, values = gather_rows(key, index), gather_rows(value, index)
     heads = index.shape[1]
-    mask = None
     if query_valid is not None:
-        ok = ok | ~query_valid[:, None, None]  # padding queries: no empty rows
-    if not bool(ok.all()):
-        mask = ok[:, :, None, :]
-        if heads != q_heads:
-            mask = mask.repeat_interleave(q_heads // heads, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, keys, values, attn_mask=mask, scale=scaling, enable_gqa=heads != q_heads
-    )
-    return out.transpose(1, 2)
+        ok = ok | ~query_valid[:, 0, None, None]  # padding queries: no empty rows
+    mask = None if bool(ok.all()) else ok[:, :, None, :]
+    dim = query.shape[-1]
+    # a KV head's query group attends as one block of rows (no K/V repeat, one mask row)
+    packed = query.reshape(batch, heads, q_heads // heads, dim)
+    out = torch.nn.functional.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=scaling)
+    return out.reshape(batch, 1, q_heads, dim)
 
 
 def dense_with_probs(layer, query, key, value, scaling: float):
