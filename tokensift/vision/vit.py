@@ -140,8 +140,7 @@ def run_vit(model: nn.Module, pixel_values: torch.Tensor, method: str | Selector
 def _forward(parts: VitParts, pixel_values, selector, budget, ratio, layer) -> VitRun:
     """The layer loop of ``run_vit``."""
     p = parts.n_protected
-    h = parts.pre_norm(parts.embeddings(pixel_values.to(parts.embeddings.patch_embeddings.projection.weight.dtype)
-                                        if hasattr(parts.embeddings, "patch_embeddings") else pixel_values))
+    h = parts.pre_norm(parts.embeddings(pixel_values))
     B, n_in = h.shape[0], h.shape[1] - p
     k = n_in if selector is None else resolve_budget(n_in, budget, ratio)
     tome = selector is not None and selector.name == "tome"
@@ -152,7 +151,7 @@ def _forward(parts: VitParts, pixel_values, selector, budget, ratio, layer) -> V
         h, index, sizes = _select(selector, h, p, k, index, sizes, [])
     for i, block in enumerate(parts.layers, start=1):
         _REC.log_sizes = _log_sizes(sizes, p)
-        _REC.record = selector is not None and (tome or (selector.uses_attention and i <= layer))
+        _REC.record = selector is not None and i <= layer and (tome or selector.uses_attention)
         out = block(h, None)
         h = out[0] if isinstance(out, tuple) else out
         if tome and i <= layer:
