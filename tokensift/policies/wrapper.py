@@ -10,6 +10,7 @@ attention call through the wrapper; the wrapper decides what its scores become.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -26,7 +27,7 @@ class Wrapper(Policy):
     """Base of every wrapper: ``inner`` is a policy, a policy name or an expression."""
 
     default_inner: ClassVar[str] = "snapkv"
-    own_layer_class: ClassVar[type | None] = None
+    own_layer_class: ClassVar[str | None] = None  # "module:Class" (imported lazily: no import cycle)
 
     inner: Policy | str | None = None
 
@@ -54,7 +55,7 @@ class Wrapper(Policy):
         return dataclasses.replace(inner, **settings) if settings else inner
 
     def _combined_layer_class(self):
-        mine, theirs = type(self).own_layer_class, getattr(self.inner, "layer_class", None)
+        mine, theirs = load_class(type(self).own_layer_class), getattr(self.inner, "layer_class", None)
         if mine is not None and theirs is not None and mine is not theirs:
             raise TokensiftError(
                 f"cannot combine {type(self).name} with {self.inner.name}: both need their own cache storage"
@@ -85,6 +86,14 @@ class Wrapper(Policy):
     def describe(self) -> str:
         size = f"budget={self.budget}" if self.budget is not None else f"ratio={self.ratio}"
         return f"{self.name}({size})"
+
+
+def load_class(spec: str | None):
+    """``"package.module:Class"`` -> the class (None stays None)."""
+    if spec is None:
+        return None
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def valid_scores(scores: torch.Tensor, layer, fill: float = 0.0) -> torch.Tensor:
