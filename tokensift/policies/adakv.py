@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from tokensift.errors import TokensiftError
+from tokensift.policies.base import Policy
 from tokensift.policies.registry import register
 from tokensift.policies.wrapper import Wrapper
 
@@ -24,6 +25,7 @@ class AdaKV(Wrapper):
 
     name = "adakv"
     paper = "Feng et al. 2024, Ada-KV: Optimizing KV Cache Eviction by Adaptive Budget Allocation (arXiv:2407.11550)"
+    inner: Policy | str | None = "snapkv"  # the wrapped policy (a name or an expression)
     own_layer_class = "tokensift.storage.varlen:VarlenLayer"
     floor: float = 0.2
 

@@ -4,6 +4,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tokensift.policies.base import Policy
 from tokensift.policies.registry import register
 from tokensift.policies.wrapper import Wrapper, valid_scores
 
@@ -27,6 +28,7 @@ class CAOTE(Wrapper):
 
     name = "caote"
     paper = "CAOTE: KV Caching through Attention Output Error based Token Eviction (2025)"
+    inner: Policy | str | None = "h2o"  # the wrapped policy (a name or an expression)
     needs_attention = True
     default_inner = "h2o"
 

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from tokensift.errors import TokensiftError
+from tokensift.policies.base import Policy
 from tokensift.policies.registry import register
 from tokensift.policies.wrapper import Wrapper
 
@@ -28,6 +29,7 @@ class GraphKV(Wrapper):
 
     name = "graphkv"
     paper = "GraphKV: Breaking the Static Selection Paradigm with Graph-Based KV Cache Eviction (2025)"
+    inner: Policy | str | None = "snapkv"  # the wrapped policy (a name or an expression)
     decay: float = 0.5
     step: int = 8
 

@@ -3,6 +3,7 @@
 from dataclasses import dataclass
 
 from tokensift.errors import TokensiftError
+from tokensift.policies.base import Policy
 from tokensift.policies.registry import register
 from tokensift.policies.wrapper import Wrapper
 
@@ -21,6 +22,7 @@ class PyramidKV(Wrapper):
 
     name = "pyramidkv"
     paper = "Cai et al. 2024, PyramidKV: Dynamic KV Cache Compression based on Pyramidal Information Funneling (arXiv:2406.02069)"
+    inner: Policy | str | None = "snapkv"  # the wrapped policy (a name or an expression)
     beta: float = 20.0
 
     def validate(self) -> None:
