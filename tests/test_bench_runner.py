@@ -1,0 +1,92 @@
+"""The benchmark runner: exact prefill replay, batched decoding, resumable cells, report."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from conftest import random_ids, tiny_llama
+from tokensift.bench.metrics import matching_prefix, mean_kl
+from tokensift.bench.replay import merge_caches, record_prefill, replay
+from tokensift.bench.runner import BenchConfig, greedy_tokens, run_bench
+from tokensift.cache import make_cache
+from tokensift.policies import POLICIES, build_policy
+
+
+
+def replayable(name: str) -> bool:
+    """Evict-only policies on the standard storage (others replay too, but store differently)."""
+    policy = build_policy(name, budget=30, n_sink=2, window=4) if POLICIES[name].evicts else None
+    return policy is not None and getattr(policy, "layer_class", None) is None and not getattr(policy, "reads_subset", False)
+
+
+EVICTING = sorted(name for name in POLICIES if replayable(name))
+
+
+@pytest.mark.parametrize("name", EVICTING)
+def test_replay_equals_fresh_prefill(name):
+    model = tiny_llama()
+    ids = random_ids(90, seed=4)
+    policy = build_policy(name, budget=30, n_sink=2, window=4)
+    replayed = replay(model, policy, record_prefill(model, ids))
+    fresh = make_cache(model, policy)
+    with torch.inference_mode():
+        model(ids, past_key_values=fresh, use_cache=True)
+    for a, b in zip(replayed.selecting_layers, fresh.selecting_layers):
+        assert torch.equal(a.positions, b.positions)
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+
+
+def test_merged_batch_decodes_like_each_cache_alone():
+    model = tiny_llama()
+    recording = record_prefill(model, random_ids(80, seed=6))
+    policies = [build_policy("snapkv", budget=20, n_sink=2, window=4), build_policy("knorm", budget=40, n_sink=2, window=4), build_policy("full")]
+    suffix = [5, 6, 7, 8]
+    merged = greedy_tokens(model, merge_caches([replay(model, p, recording) for p in policies], model), suffix, 3, 8)
+    for policy, tokens in zip(policies, merged):
+        alone = replay(model, policy, recording)
+        alone.set_defer_eviction(True)  # the benchmark protocol: no eviction once the question arrives
+        assert greedy_tokens(model, alone, suffix, 1, 8)[0] == tokens
+
+
+def test_metrics():
+    logits = torch.zeros(4, 10)
+    logits[torch.arange(4), torch.tensor([1, 2, 3, 4])] = 5.0
+    assert matching_prefix(logits, [1, 2, 9, 4]) == 0.5
+    assert matching_prefix(logits, [1, 2, 3, 4]) == 1.0
+    assert mean_kl(logits, logits) == pytest.approx(0.0, abs=1e-6)
+    assert mean_kl(logits, torch.zeros(4, 10)) > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_real_vocab():
+    """A tiny random Llama with the embedded tokenizer's vocabulary (fast, offline)."""
+    from tokensift.bench.tasks import default_tokenizer
+
+    tokenizer = default_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192)
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
+def test_tiny_end_to_end_bench_resumes(tmp_path, tiny_real_vocab):
+    model, tokenizer = tiny_real_vocab
+    config = BenchConfig.for_suite(
+        "quick", policies=["full", "snapkv", "h2o"], budgets=[64], lengths=[600], samples=1,
+        tasks=["niah", "vt", "ppl", "fidelity", "cost"], cost_lengths=[600],
+    )
+    config.ppl_length = 700
+    run_bench(config, tmp_path, model=model, tokenizer=tokenizer)
+    rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert {r["task"] for r in rows} == {"niah", "vt", "ppl", "fidelity", "cost"}
+    for row in rows:
+        for key in ("task", "protocol", "policy", "params", "budget", "ratio", "length", "samples", "score",
+                    "versions", "machine", "seed", "library"):
+            assert key in row
+    assert len([r for r in rows if r["task"] == "niah"]) == 3
+    assert (tmp_path / "report.md").exists() and (tmp_path / "score_vs_budget.png").exists()
+    run_bench(config, tmp_path, model=model, tokenizer=tokenizer)  # resume: nothing new
+    again = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert len(again) == len(rows)

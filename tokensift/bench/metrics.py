@@ -1,0 +1,94 @@
+"""Scores and cost figures the benchmark reports."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+import torch
+
+DECODE_CHUNK = 8  # ppl/fidelity feed tokens 8 at a time; the policy acts after each chunk
+KL_POSITIONS = 32
+COST_DECODE_TOKENS = 32
+
+
+def kv_summary(entries: list[tuple[int, int, float]]) -> dict:
+    """Mean KV bytes held, full-cache bytes and kept tokens over a cell's samples."""
+    if not entries:
+        return {}
+    held = sum(e[0] for e in entries) / len(entries)
+    full = sum(e[1] for e in entries) / len(entries)
+    return {"kv_bytes": held, "kv_bytes_full": full, "kv_fraction": held / full if full else None,
+            "kv_tokens": sum(e[2] for e in entries) / len(entries)}
+
+
+def matching_prefix(logits: torch.Tensor, reference: list[int]) -> float:
+    """Fraction of the reference continuation reproduced before the first greedy divergence."""
+    predicted = logits.argmax(-1).tolist()
+    for index, (got, want) in enumerate(zip(predicted, reference)):
+        if got != want:
+            return index / len(reference)
+    return 1.0
+
+
+def mean_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> float:
+    """Mean KL(reference || policy) of next-token distributions, in nats."""
+    reference = torch.log_softmax(reference_logits.float(), -1)
+    ours = torch.log_softmax(logits.float(), -1)
+    return float((reference.exp() * (reference - ours)).sum(-1).mean())
+
+
+class PeakRSS:
+    """Samples the process RSS in a thread; ``peak`` is the maximum seen (bytes)."""
+
+    def __init__(self, interval: float = 0.005):
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+        self._process = psutil.Process()
+
+    def __enter__(self):
+        self.peak = self._process.memory_info().rss
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._process.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@torch.inference_mode()
+def measure_cost(model, tokenizer, context_ids: list[int], policy) -> dict:
+    """Real prefill under ``policy`` (timed), then ``COST_DECODE_TOKENS`` greedy decode steps."""
+    import gc
+
+    from tokensift.cache import make_cache
+    from tokensift.generate import Decoder
+
+    gc.collect()
+    baseline = psutil.Process().memory_info().rss
+    with PeakRSS() as memory:
+        cache = make_cache(model, policy)
+        decoder = Decoder(model, cache)
+        ids = torch.tensor([context_ids])
+        start = time.perf_counter()
+        logits = decoder.forward(ids, torch.ones_like(ids))
+        prefill = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(COST_DECODE_TOKENS):
+            logits = decoder.forward(logits.argmax(-1)[:, None], torch.ones(1, 1, dtype=torch.long))
+        decode = time.perf_counter() - start
+    return {
+        "prefill_seconds": prefill, "decode_seconds": decode,
+        "tokens_per_second": COST_DECODE_TOKENS / decode, "kv_bytes": cache.kv_bytes,
+        "kv_bytes_full": cache.kv_bytes_full, "kv_tokens": cache.kv_tokens(),
+        "peak_rss_bytes": memory.peak, "peak_rss_increase_bytes": memory.peak - baseline,
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,103 @@
+"""Prefill once, compress many ways: the benchmark's work sharing.
+
+A policy that compresses after prefill sees, during a one-shot prefill, exactly: the prompt's
+K/V appended to each layer, its queries, then ``observe`` and ``enforce_budget``. The prefill's
+logits do not depend on the policy. So one full prefill that records every layer's queries
+serves every such policy: :func:`replay` rebuilds the cache each policy would have produced,
+identical to a fresh prefill under that policy (tested), at the cost of re-scoring only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tokensift.attention import after_attention
+from tokensift.cache import SelectingCache, SelectingLayer, make_cache, take_last_updated
+from tokensift.policies import build_policy
+
+
+@dataclass
+class Recording:
+    """One prompt's prefill: per layer K/V and (selecting layers) queries + scaling, and logits."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    queries: dict[int, tuple[torch.Tensor, float]]
+    logits: torch.Tensor  # [batch, vocab] at the last prompt position
+    input_ids: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+
+@torch.inference_mode()
+def record_prefill(model, input_ids: torch.Tensor) -> Recording:
+    """Prefill ``input_ids`` (no padding) with the full cache, keeping what replay needs."""
+    cache = make_cache(model, build_policy("full"))
+    queries: dict = {}
+    cache.shared["record_queries"] = queries
+    cache.shared["input_ids"] = input_ids
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    keys = [layer.keys for layer in cache.layers]
+    values = [layer.values for layer in cache.layers]
+    return Recording(keys, values, queries, out.logits[:, -1].float(), input_ids)
+
+
+def replay(model, policy, recording: Recording) -> SelectingCache:
+    """The cache ``policy`` would hold after prefilling ``recording``'s prompt in one pass."""
+    cache = make_cache(model, policy)
+    cache.shared["input_ids"] = recording.input_ids
+    batch, length = recording.input_ids.shape
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    for index, layer in enumerate(cache.layers):
+        keys, values = recording.keys[index], recording.values[index]
+        returned, _ = layer.update(keys, values)
+        if isinstance(layer, SelectingLayer):
+            take_last_updated(returned)
+            layer.mark_new_tokens(valid)
+            query, scaling = recording.queries[index]
+            after_attention(layer, query, valid, scaling)
+    return cache
+
+
+def merge_caches(caches: list[SelectingCache], model) -> SelectingCache:
+    """Stack single-sequence caches (same prompt, different selections) into one batch.
+
+    Rows hold different numbers of tokens: shorter rows are padded with invalid slots, which
+    attention never reads. The merged cache keeps everything from now on (``full`` policy):
+    the benchmark appends the question and the answer without further eviction.
+    """
+    merged = make_cache(model, build_policy("full"))
+    for index, layer in enumerate(merged.layers):
+        sources = [cache.layers[index] for cache in caches]
+        if isinstance(layer, SelectingLayer):
+            _merge_selecting(layer, sources)
+        else:
+            layer.update(torch.cat([s.keys for s in sources]), torch.cat([s.values for s in sources]))
+    return merged
+
+
+def _merge_selecting(target: SelectingLayer, sources: list[SelectingLayer]) -> None:
+    longest = max(source.kept for source in sources)
+
+    def stacked(name: str, fill) -> torch.Tensor:
+        parts = []
+        for source in sources:
+            tensor = getattr(source, name)
+            missing = longest - tensor.shape[2]
+            if missing:
+                pad_shape = (*tensor.shape[:2], missing, *tensor.shape[3:])
+                tensor = torch.cat([tensor, torch.full(pad_shape, fill, dtype=tensor.dtype)], dim=2)
+            parts.append(tensor)
+        return torch.cat(parts)
+
+    target.lazy_initialization(sources[0].keys, sources[0].values)
+    target.keys, target.values = stacked("keys", 0.0), stacked("values", 0.0)
+    target.positions, target.ranks = stacked("positions", 0), stacked("ranks", 0)
+    target.valid, target.sink = stacked("valid", False), stacked("sink", False)
+    target.valid_seen = torch.cat([source.valid_seen for source in sources])
+    target.seen = sources[0].seen
+    target.compressed = True
