@@ -70,6 +70,15 @@ def generate(
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill in chunks (policy acts after each)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    speculate: Optional[str] = typer.Option(
+        None, "--speculate", help="Lossless draft-free speculative decoding: recycling | prompt_lookup | lookahead | auto."
+    ),
+    tree_nodes: Optional[int] = typer.Option(
+        None, "--tree-nodes", help="With --speculate: verify a fixed number of draft nodes (default: adaptive, cost-aware)."
+    ),
+    spec_state: Optional[Path] = typer.Option(
+        None, "--spec-state", help="With --speculate recycling|auto: load the recycling matrix from this .npz (if present) and save it after."
+    ),
 ) -> None:
     """Generate text with a KV policy and report what the cache held."""
     from tokensift.generate import generate as run_generate
@@ -79,11 +88,25 @@ def generate(
     if budget is not None and ratio is not None:
         raise TokensiftError("give --budget or --ratio, not both")
     chosen = build_policy(policy, budget=budget, ratio=ratio, **parse_settings(settings))
+    if speculate is not None:
+        from tokensift.speculative import DRAFTER_NAMES
+
+        if speculate not in DRAFTER_NAMES:
+            raise TokensiftError(f"unknown drafter '{speculate}'; use one of: {', '.join(DRAFTER_NAMES)}")
+        if question is not None:
+            raise TokensiftError("--question is not supported with --speculate")
+    elif tree_nodes is not None or spec_state is not None:
+        raise TokensiftError("--tree-nodes and --spec-state need --speculate")
     text = read_prompt(prompt, prompt_file)
     model_obj, tokenizer = load_model(model)
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     stream = None if as_json else (lambda token: print(tokenizer.decode([token]), end="", flush=True))
+    if speculate is not None:
+        run_speculative(model_obj, tokenizer, text, speculate, tree_nodes, spec_state, chosen, as_json, stream,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        prefill_chunk=prefill_chunk)
+        return
     result = run_generate(
         model_obj, tokenizer, text, policy=chosen, question=question, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, seed=seed, prefill_chunk=prefill_chunk, on_token=stream,
@@ -95,6 +118,32 @@ def generate(
     console.print(
         f"[dim]{result.policy}: {result.prompt_tokens} prompt + {result.new_tokens} new tokens, "
         f"KV {result.kv_bytes / 2**20:.1f} MiB of {result.kv_bytes_full / 2**20:.1f} MiB full, "
+        f"{result.tokens_per_second:.1f} tok/s[/dim]"
+    )
+
+
+def run_speculative(model_obj, tokenizer, text, speculate, tree_nodes, spec_state, policy, as_json, stream, **options):
+    """``generate --speculate``: lossless speculative decoding under any cache policy."""
+    from tokensift.speculative import Speculator
+    from tokensift.speculative.recycling import Recycling
+
+    speculator = Speculator(model_obj, speculate, fixed_nodes=tree_nodes)
+    recycling = next((d for d in speculator.drafters if isinstance(d, Recycling)), None)
+    if spec_state is not None and recycling is not None and spec_state.exists():
+        loaded = Recycling.load(spec_state)
+        if loaded.adjacency.shape != recycling.adjacency.shape:
+            raise TokensiftError(f"recycling state {spec_state} does not match this model's vocabulary")
+        recycling.adjacency = loaded.adjacency
+    result = speculator.generate(tokenizer, text, policy=policy, on_token=stream, **options)
+    if spec_state is not None and recycling is not None:
+        recycling.save(spec_state)
+    if as_json:
+        print(json.dumps(result.as_dict()))
+        return
+    print()
+    console.print(
+        f"[dim]{result.drafter} on {result.policy}: {result.prompt_tokens} prompt + {result.new_tokens} new tokens in "
+        f"{result.steps} steps ({result.accepted_per_step:.2f} tokens/step, {result.mean_tree_nodes:.1f} draft nodes/step), "
         f"{result.tokens_per_second:.1f} tok/s[/dim]"
     )
 

@@ -49,7 +49,7 @@ def choose_size(probs: list[float], cost, max_nodes: int, lazy_head: bool = True
             continue
         expected = prefix[n]
         rows = min(q, 1.0 + expected) if lazy_head else q
-        gain = (1.0 + expected) / cost.relative(q, rows, speculative=True)
+        gain = (1.0 + expected) / cost.relative(q, rows, speculative=True, lazy=lazy_head)
         if gain > best_gain:
             best_n, best_gain = n, gain
     return best_n, best_gain

@@ -10,7 +10,6 @@ machine. The costs are relative: ``relative(1, 1) == 1`` is one plain decoding s
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -45,17 +44,21 @@ class CostModel:
     def sizes(self) -> list[int]:
         return sorted(self.body)
 
-    def seconds(self, q: int, rows: float) -> float:
-        return _interp(self.body, q) + _interp(self.head, max(rows, 1.0))
+    def seconds(self, q: int, rows: float, lazy: bool = False) -> float:
+        """Body over ``q`` tokens + the output layer over ``rows`` rows (one batched call, or
+        ``lazy``: one single-row call per row, as the lazy verifier does)."""
+        head = self.head[1] * max(rows, 1.0) if lazy else _interp(self.head, max(rows, 1.0))
+        return _interp(self.body, q) + head
 
-    def relative(self, q: int, rows: float | None = None, speculative: bool = False) -> float:
+    def relative(self, q: int, rows: float | None = None, speculative: bool = False, lazy: bool = False) -> float:
         rows = q if rows is None else rows
         extra = self.overhead if speculative and q > 1 else 0.0
-        return (self.seconds(q, rows) + extra) / self.seconds(1, 1)
+        return (self.seconds(q, rows, lazy) + extra) / self.seconds(1, 1)
 
-    def curve(self, lazy: bool) -> dict[int, float]:
-        """cost(q)/cost(1) per measured q: stock (all rows) or lazy head (2 rows)."""
-        return {q: round(self.relative(q, min(q, 2) if lazy else q), 3) for q in self.sizes}
+    def curve(self, lazy: bool, rows: float = 2.0) -> dict[int, float]:
+        """cost(q)/cost(1) per measured q: stock (output layer on all q rows) or lazy
+        (single-row output layer on ``rows`` rows: the accepted path + 1)."""
+        return {q: round(self.relative(q, min(q, rows) if lazy else q, lazy=lazy), 3) for q in self.sizes}
 
     @classmethod
     def synthetic(cls, slope: float = 0.08) -> CostModel:
@@ -74,18 +77,13 @@ class CostModel:
         return cls(**data)
 
 
-def _timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @torch.inference_mode()
 def measure_cost(model, context: int = 512, sizes=SIZES, head_rows=HEAD_ROWS, repeats: int = 5) -> CostModel:
-    """Time the body over q new tokens (over a ``context``-token cache) and the output layer."""
+    """Time the body over q new tokens (over a ``context``-token cache) and the output layer.
+
+    Rounds go over all sizes in turn and each size keeps its fastest run, so a burst of load
+    from other processes hits every size alike rather than one.
+    """
     from tokensift.cache import make_cache
     from tokensift.policies import build_policy
     from tokensift.speculative.tree import DraftTree
@@ -95,24 +93,30 @@ def measure_cost(model, context: int = 512, sizes=SIZES, head_rows=HEAD_ROWS, re
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(10, config.vocab_size, (1, context + max(sizes)), generator=generator)
     model.model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
-    body = {}
+    head_layer = model.get_output_embeddings()
+    hidden = torch.randn(1, max(head_rows), config.hidden_size)
+    jobs = {}
     for q in sizes:
         tree = DraftTree.chain(int(ids[0, context]), ids[0, context + 1:context + q].tolist())
-        mask, positions = tree.attention_mask(context), tree.position_ids(context)
+        mask = tree.attention_mask(context) if q > 1 else None
+        positions = tree.position_ids(context)
 
-        def run():
+        def run(q=q, mask=mask, positions=positions):
             model.model(input_ids=ids[:, context:context + q], attention_mask=mask, position_ids=positions,
                         past_key_values=cache, use_cache=True)
             cache.keep_new_tokens(q, [])
 
-        run()
-        body[q] = _timed(run, repeats)
-    head_layer = model.get_output_embeddings()
-    hidden = torch.randn(1, max(head_rows), config.hidden_size)
-    head = {}
+        jobs[("body", q)] = run
     for rows in head_rows:
-        head_layer(hidden[:, :rows])
-        head[rows] = _timed(lambda: head_layer(hidden[:, :rows]), repeats)
+        jobs[("head", rows)] = lambda rows=rows: head_layer(hidden[:, :rows])
+    best = {key: float("inf") for key in jobs}
+    for _ in range(repeats + 1):  # the first round warms up
+        for key, job in jobs.items():
+            start = time.perf_counter()
+            job()
+            best[key] = min(best[key], time.perf_counter() - start)
+    body = {q: best[("body", q)] for q in sizes}
+    head = {rows: best[("head", rows)] for rows in head_rows}
     return CostModel(body, head, 0.0, context, torch.get_num_threads())
 
 

@@ -15,7 +15,7 @@ from tokensift.errors import TokensiftError
 from tokensift.speculative.base import Drafter
 
 # children per node by (depth, own sibling rank): depth-1 nodes are the root's children.
-DEFAULT_WIDTHS = (8, 4, 3, 2, 2, 1, 1, 1)
+DEFAULT_WIDTHS = (8, 4, 2, 2, 1, 1, 1, 1)  # 69 nodes, depth 8
 
 
 def template(widths=DEFAULT_WIDTHS) -> list[tuple[int, int]]:
@@ -69,7 +69,8 @@ class Recycling(Drafter):
     def save(self, path: Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, adjacency=self.adjacency, widths=np.asarray(self.widths))
+        with open(path, "wb") as handle:  # a file handle: numpy adds no ".npz" to the name
+            np.savez_compressed(handle, adjacency=self.adjacency, widths=np.asarray(self.widths))
 
     @classmethod
     def load(cls, path: Path) -> Recycling:
