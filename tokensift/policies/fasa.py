@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -134,7 +135,8 @@ def calibration_ids(model, count: int) -> torch.Tensor:
         tokenizer = AutoTokenizer.from_pretrained(source)
         ids = tokenizer("\n\n".join(essay_texts()[:8]), add_special_tokens=False)["input_ids"][:count]
         return torch.tensor([ids])
-    except (OSError, ValueError, TokensiftError):
+    except (OSError, ValueError, TokensiftError) as error:
+        warnings.warn(f"fasa: no tokenizer or essays for '{source}' ({error}); calibrating on pseudo-random ids", stacklevel=2)
         vocab = model.config.get_text_config(decoder=True).vocab_size
         return torch.randint(1, vocab, (1, count), generator=torch.Generator().manual_seed(0))
 
