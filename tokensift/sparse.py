@@ -44,6 +44,43 @@ class SparseReadMixin:
     """Mixed into a SelectingLayer subclass: sparse reads for single-token decode queries."""
 
     _query_len: int = 0
+    buffered: bool = False  # amortized append (set when the stored layer is the plain SelectingLayer)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append into a growing buffer instead of ``torch.cat`` of the whole layer per step.
+
+        The stock update copies every cached K/V row at every decode step (as much memory
+        traffic as dense attention itself); here ``keys``/``values`` are views of a buffer with
+        spare capacity, so a step writes only the new rows. Per-token metadata still goes
+        through the base update (it is small). Anything that replaces ``keys`` (eviction,
+        crop, reorder) simply makes the next append start a fresh buffer.
+        """
+        if not self.buffered or not self.is_initialized or self.kept == 0:
+            return super().update(key_states, value_states, *args, **kwargs)
+        from tokensift.cache import _LAST_UPDATED
+
+        kept, new = self.kept, key_states.shape[2]
+        keys, values = self.keys, self.values
+        buffer = self.__dict__.get("_kv_buffer")
+        fresh = (
+            buffer is None or buffer[2] != kept or kept + new > buffer[0].shape[2]
+            or buffer[0].data_ptr() != keys.data_ptr() or buffer[0].shape[:2] != keys.shape[:2]
+        )
+        if fresh:
+            batch, heads, _, dim = keys.shape
+            capacity = kept + new + max(256, (kept + new) // 4)
+            buffer = (keys.new_empty(batch, heads, capacity, dim), values.new_empty(batch, heads, capacity, values.shape[-1]))
+            buffer[0][:, :, :kept].copy_(keys)
+            buffer[1][:, :, :kept].copy_(values)
+        buffer[0][:, :, kept:kept + new].copy_(key_states)
+        buffer[1][:, :, kept:kept + new].copy_(value_states)
+        # the base update appends the metadata; let it "append" the new K/V to nothing
+        self.keys, self.values = keys[:, :, :0], values[:, :, :0]
+        super().update(key_states, value_states, *args, **kwargs)
+        self.keys, self.values = buffer[0][:, :, :kept + new], buffer[1][:, :, :kept + new]
+        self.__dict__["_kv_buffer"] = (buffer[0], buffer[1], kept + new)
+        _LAST_UPDATED[0] = (self, self.keys)
+        return self.keys, self.values
 
     def mark_new_tokens(self, new_valid: torch.Tensor) -> None:
         self._query_len = new_valid.shape[1]
@@ -72,7 +109,10 @@ def sparse_layer_class(base: type) -> type:
     if issubclass(base, SparseReadMixin):
         return base
     if base not in _LAYER_CLASSES:
-        _LAYER_CLASSES[base] = type(f"Sparse{base.__name__}", (SparseReadMixin, base), {})
+        from tokensift.cache import SelectingLayer
+
+        extra = {"buffered": base is SelectingLayer}
+        _LAYER_CLASSES[base] = type(f"Sparse{base.__name__}", (SparseReadMixin, base), extra)
     return _LAYER_CLASSES[base]
 
 
@@ -294,18 +334,30 @@ def recent_suffix(layer, since: int):
     return index, layer.positions[..., kept - n:] >= since
 
 
+def _row_view(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(rows, stride)``: a ``[*, dim]`` view where row ``(b * heads + h) * stride + n`` is token ``n``
+    of head ``h`` (no copy for contiguous tensors and for views of an append buffer)."""
+    batch, heads, kept, dim = tensor.shape
+    s0, s1, s2, s3 = tensor.stride()
+    aligned = tensor.storage_offset() == 0 and s3 == 1 and s2 == dim and s1 % dim == 0 and s0 == heads * s1
+    if aligned and (kept > 1 or tensor.is_contiguous()):
+        stride = s1 // dim
+        return tensor.as_strided((batch * heads * stride, dim), (dim, 1)), stride
+    return tensor.contiguous().view(-1, dim), kept
+
+
 def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``tensor[b, h // r, index[b, h, j]]`` for ``index`` ``[batch, heads, m]``: ``[batch, heads, m, dim]``.
 
     ``heads`` is a multiple of the tensor's heads (``r`` query heads per KV head); one
-    ``index_select`` over a flat ``[batch * kv_heads * kept, dim]`` view.
+    ``index_select`` over a flat row view of the storage.
     """
-    batch, kv_heads, kept, dim = tensor.shape
+    batch, kv_heads, _, dim = tensor.shape
     heads, m = index.shape[1], index.shape[2]
-    base = torch.arange(batch * kv_heads, device=index.device).view(batch, kv_heads, 1, 1) * kept
+    rows, stride = _row_view(tensor)
+    base = torch.arange(batch * kv_heads, device=index.device).view(batch, kv_heads, 1, 1) * stride
     flat = index.reshape(batch, kv_heads, heads // kv_heads, m) + base
-    rows = tensor.reshape(-1, dim).index_select(0, flat.reshape(-1))
-    return rows.view(batch, heads, m, dim)
+    return rows.index_select(0, flat.reshape(-1)).view(batch, heads, m, dim)
 
 
 def gather_attend(query, key, value, index, ok, scaling: float, query_valid=None) -> torch.Tensor:
@@ -317,8 +369,6 @@ def gather_attend(query, key, value, index, ok, scaling: float, query_valid=None
     kv_heads = key.shape[1]
     if index.shape[1] == 1:
         index, ok = index.expand(batch, kv_heads, -1), ok.expand(batch, kv_heads, -1)
-    if not key.is_contiguous():
-        key, value = key.contiguous(), value.contiguous()
     keys, values = gather_rows(key, index), gather_rows(value, index)
     heads = index.shape[1]
     if query_valid is not None:

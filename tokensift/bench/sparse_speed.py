@@ -1,0 +1,359 @@
+"""Sparse-reading speed on this CPU: attention alone, and end-to-end decode at 8k.
+
+``tokensift bench --suite sparse-speed --out DIR`` writes ``results.jsonl``, ``report.md``
+and ``sparse_speed.png``:
+
+(a) *kernel*: one decode step of one layer's attention, full SDPA (the faster of
+    transformers' two GQA paths) vs each reading method's ``read`` at ``k = 256`` (selection
+    included), on the embedded model's shapes (9 query heads, 3 KV heads, dim 64) and a wider
+    synthetic config (32 / 8 / 128), at 8k, 16k and 32k cached tokens;
+(b) *end-to-end*: greedy decode tokens/s of the embedded model after an 8k prompt, each
+    method vs ``full``, all from ONE full prefill (each method's cache is a shallow fork of
+    the prefilled full cache: K/V tensors are shared, never written in place).
+
+Timings: ``torch.set_num_threads(2)`` and again with 1 thread (on a shared, loaded 2-core
+machine two OpenMP threads mostly wait on each other), medians of round-robin repeats, ratios
+against the full baseline of the same run; the machine load (``os.getloadavg``) is recorded
+next to each section.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import torch
+
+from tokensift.policies import build_policy
+from tokensift.sparse import gather_attend, read_stats, sparse_layer_class
+
+K = 256
+METHODS = ("topk_attention", "tokenselect", "tidaldecode", "recycled_attention", "lessismore", "hisa")
+SHAPES = {"smollm2-135m (9q/3kv/64)": (9, 3, 64), "wide synthetic (32q/8kv/128)": (32, 8, 128)}
+CONTEXTS = (8192, 16384, 32768)
+THREADS = (2, 1)
+FULL_BUFFERED = "full (buffered append)"
+
+
+def load() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+    return interleaved_medians({"only": fn}, repeats, warmup)["only"]
+
+
+def interleaved_medians(cases: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds of each callable, timed round-robin so load drift hits all alike."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(repeats):
+        for name, fn in cases.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+# ----------------------------------------------------------------------- (a) kernel
+def synthetic_layer(policy, keys: torch.Tensor, values: torch.Tensor, layer_idx: int = 5, num_layers: int = 30):
+    """A reading layer holding ``keys``/``values`` (shared, nothing evicted), as after a prefill."""
+    layer = sparse_layer_class(policy.layer_class)(layer_idx, num_layers, policy)
+    batch, heads, length, _ = keys.shape
+    layer.lazy_initialization(keys[:, :, :0], values[:, :, :0])
+    layer.keys, layer.values = keys, values
+    layer.positions = torch.arange(length).expand(batch, heads, length)
+    layer.ranks = layer.positions
+    layer.valid = torch.ones(batch, heads, length, dtype=torch.bool)
+    layer.sink = layer.positions < policy.n_sink
+    layer.seen, layer.valid_seen = length, torch.full((batch,), length)
+    layer._query_len = 1
+    return layer
+
+
+def random_kv(kv_heads: int, length: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(length + dim)
+    return (torch.randn(1, kv_heads, length, dim, generator=generator),
+            torch.randn(1, kv_heads, length, dim, generator=generator))
+
+
+def full_sdpa(query, key, value, scaling):
+    """Dense decode attention as the stock path runs it (best of enable_gqa and packed GQA)."""
+    def gqa():
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=True)
+
+    def packed():
+        batch, q_heads, _, dim = query.shape
+        q = query.reshape(batch, key.shape[1], q_heads // key.shape[1], dim)
+        return torch.nn.functional.scaled_dot_product_attention(q, key, value, scale=scaling)
+
+    return gqa, packed
+
+
+def kernel_rows(repeats: int, threads: int) -> list[dict]:
+    rows = []
+    for shape_name, (q_heads, kv_heads, dim) in SHAPES.items():
+        for length in CONTEXTS:
+            scaling = dim ** -0.5
+            query = torch.randn(1, q_heads, 1, dim, generator=torch.Generator().manual_seed(1))
+            key, value = random_kv(kv_heads, length, dim)
+            gqa, packed = full_sdpa(query, key, value, scaling)
+            index = torch.sort(torch.randperm(length, generator=torch.Generator().manual_seed(2))[: K])[0]
+            index = index.expand(1, kv_heads, K).contiguous()
+            ok = torch.ones_like(index, dtype=torch.bool)
+            cases = {"full: sdpa enable_gqa": gqa, "full: sdpa packed gqa": packed,
+                     "gather k + sdpa (index given)": lambda: gather_attend(query, key, value, index, ok, scaling)}
+            cases.update(method_cases(query, key, value, scaling))
+            before = load()
+            medians = interleaved_medians(cases, repeats)
+            full = min(medians["full: sdpa enable_gqa"], medians["full: sdpa packed gqa"])
+            record = {"section": "kernel", "threads": threads, "shape": shape_name, "q_heads": q_heads,
+                      "kv_heads": kv_heads, "dim": dim, "context": length, "k": K, "full_s": full, "load": before}
+            rows.append({**record, "case": "full", "seconds": full, "speedup": 1.0})
+            for name, seconds in medians.items():
+                if not name.startswith("full"):
+                    rows.append({**record, "case": name, "seconds": seconds, "speedup": full / seconds})
+    return rows
+
+
+def method_cases(query, key, value, scaling) -> dict:
+    """Each method's per-layer read at one decode step, selection cost included."""
+    def read_of(policy, layer_idx=5):
+        layer = synthetic_layer(policy, key, value, layer_idx)
+        return lambda: policy.read(layer, query, layer.keys, layer.values, None, scaling)
+
+    cases = {
+        "topk_attention (q·k scoring every step)": read_of(build_policy("topk_attention", k=K)),
+        "tokenselect, fresh selection": read_of(build_policy("tokenselect", k=K, threshold=2.0)),
+        "hisa (block filter + token top-k)": read_of(build_policy("hisa", k=K)),
+    }
+    # reuse steps: tokenselect cache hit, recycled between full steps, tidal/lessismore readers
+    hit = build_policy("tokenselect", k=K, threshold=-1.0)
+    layer = synthetic_layer(hit, key, value)
+    hit.read(layer, query, layer.keys, layer.values, None, scaling)  # the selection it reuses
+    cases["reuse step (tokenselect hit, recycled, tidal/lessismore readers)"] = (
+        lambda: hit.read(layer, query, layer.keys, layer.values, None, scaling))
+    tidal = build_policy("tidaldecode", k=K)
+    selector = synthetic_layer(tidal, key, value, layer_idx=2)
+    cases["tidaldecode selection layer (full attention + top-k)"] = (
+        lambda: tidal.read(selector, query, selector.keys, selector.values, None, scaling))
+    return cases
+
+
+# ----------------------------------------------------------------- (b) end to end
+def fork_cache(model, prefilled, policy):
+    """A new cache for ``policy`` holding the prefilled full cache's tokens (tensors shared)."""
+    from tokensift.cache import make_cache
+
+    cache = make_cache(model, policy)
+    for source, target in zip(prefilled.selecting_layers, cache.selecting_layers):
+        for name in ("keys", "values", "positions", "ranks", "valid", "sink", "valid_seen", "dtype", "device"):
+            setattr(target, name, getattr(source, name))
+        target.seen, target.is_initialized = source.seen, True
+    return cache
+
+
+def prompt_ids(tokenizer, length: int) -> torch.Tensor:
+    try:
+        from tokensift.bench.tasks.essays import essay_stream
+
+        ids = list(essay_stream(tokenizer).ids)
+        while len(ids) < length:
+            ids = ids + ids
+        ids = ids[:length]
+    except Exception:  # essays unavailable: random ordinary tokens
+        ids = torch.randint(100, 40000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
+    return torch.tensor([ids], dtype=torch.long)
+
+
+@torch.inference_mode()
+def decode(model, cache, first: torch.Tensor, steps: int) -> tuple[list[float], list[int]]:
+    """Greedy decode ``steps`` tokens from ``first``; per-step seconds and the tokens."""
+    seen = cache.get_seq_length()
+    token, times, tokens = first, [], []
+    for step in range(steps):
+        start = time.perf_counter()
+        out = model(input_ids=token[:, None], position_ids=torch.tensor([[seen + step]]),
+                    past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(-1)
+        times.append(time.perf_counter() - start)
+        tokens.append(int(token))
+    return times, tokens
+
+
+def end_to_end_rows(context: int, steps: int, rounds: int, threads: tuple[int, ...]) -> list[dict]:
+    from tokensift.cache import make_cache
+    from tokensift.models import load_model
+
+    model, tokenizer = load_model()
+    ids = prompt_ids(tokenizer, context)
+    prefilled = make_cache(model, build_policy("full"))
+    torch.set_num_threads(max(threads))
+    start = time.perf_counter()
+    with torch.inference_mode():
+        logits = model(input_ids=ids, past_key_values=prefilled, use_cache=True, logits_to_keep=1).logits
+    prefill_s = time.perf_counter() - start
+    first = logits[:, -1].argmax(-1)
+    policies = {"full": build_policy("full"),
+                # the same stock dense attention, through the reading layer's buffered append
+                FULL_BUFFERED: build_policy("topk_attention", k=1 << 30)}
+    policies.update({name: build_policy(name, k=K) for name in METHODS})
+    rows = []
+    for count_threads in threads:
+        torch.set_num_threads(count_threads)
+        times: dict[str, list[float]] = {name: [] for name in policies}
+        tokens: dict[str, list[int]] = {}
+        stats: dict[str, dict] = {}
+        loads = []
+        for _ in range(rounds):  # interleaved rounds: drift in machine load hits every method alike
+            for name, policy in policies.items():
+                cache = fork_cache(model, prefilled, policy)
+                loads.append(os.getloadavg()[0])
+                step_times, out = decode(model, cache, first, steps)
+                times[name].extend(step_times[1:])  # the first step pays one-off allocations
+                tokens.setdefault(name, out)
+                stats[name] = read_stats(cache)
+                del cache
+        full_step = statistics.median(times["full"])
+        buffered_step = statistics.median(times[FULL_BUFFERED])
+        for name in policies:
+            step = statistics.median(times[name])
+            agree = sum(a == b for a, b in zip(tokens[name], tokens["full"])) / len(tokens["full"])
+            rows.append({
+                "section": "end_to_end", "threads": count_threads, "policy": name,
+                "k": None if name in ("full", FULL_BUFFERED) else K, "context": context,
+                "prefill_tokens": ids.shape[1], "decode_steps": steps, "rounds": rounds, "median_step_s": step,
+                "tokens_per_s": 1.0 / step, "speedup": full_step / step, "speedup_vs_full_buffered": buffered_step / step,
+                "greedy_agreement_with_full": agree, "reads": stats[name], "prefill_s": prefill_s,
+                "load_1min": [round(min(loads), 2), round(max(loads), 2)],
+            })
+        rows.append(breakdown_row(prefilled, context, count_threads))
+    return rows
+
+
+def breakdown_row(prefilled, context: int, threads: int) -> dict:
+    """Per-token costs at this context for the model's 30 layers: dense attention, K/V append."""
+    layer = prefilled.selecting_layers[0]
+    keys, values = layer.keys, layer.values
+    query = torch.randn(1, 9, 1, keys.shape[-1])
+    _, packed = full_sdpa(query, keys, values, keys.shape[-1] ** -0.5)
+    new = keys[:, :, :1]
+    attend = median_time(packed, 9)
+    append = median_time(lambda: (torch.cat([keys, new], 2), torch.cat([values, new], 2)), 9)
+    layers = len(prefilled.selecting_layers)
+    return {"section": "breakdown", "threads": threads, "context": context, "layers": layers, "dense_attention_s_per_token": attend * layers,
+            "kv_append_cat_s_per_token": append * layers, "load": load()}
+
+
+# ------------------------------------------------------------------------- report
+def write_report(rows: list[dict], out_dir: pathlib.Path) -> None:
+    lines = ["# Sparse reading: speed on this CPU", "",
+             f"torch {torch.__version__}, {platform.machine()}, 2 cores shared with other jobs; medians of "
+             "round-robin repeats; speedup = full time / method time in the same run. k = 256 tokens read per head.", ""]
+    kernel = [r for r in rows if r["section"] == "kernel"]
+    for threads in sorted({r["threads"] for r in kernel}, reverse=True):
+        part = [r for r in kernel if r["threads"] == threads]
+        lines += [f"## (a) Attention alone, one layer, one decode step — {threads} thread(s)", "",
+                  "| shape | context | case | ms | speedup vs full SDPA |", "|---|---:|---|---:|---:|"]
+        for r in part:
+            lines.append(f"| {r['shape']} | {r['context']} | {r['case']} | {r['seconds'] * 1e3:.3f} | {r['speedup']:.2f}x |")
+        loads = sorted(r["load"][0] for r in part)
+        lines += ["", f"1-min load average during this table: {loads[0]}–{loads[-1]} (2 cores).", ""]
+    e2e = [r for r in rows if r["section"] == "end_to_end"]
+    for threads in sorted({r["threads"] for r in e2e}, reverse=True):
+        part = [r for r in e2e if r["threads"] == threads]
+        r0 = part[0]
+        lines += [f"## (b) End-to-end greedy decode, SmolLM2-135M, {r0['prefill_tokens']}-token prompt — {threads} thread(s)", "",
+                  f"One full prefill ({r0['prefill_s']:.0f} s), forked for every method; {r0['decode_steps']} steps x "
+                  f"{r0['rounds']} interleaved rounds (first step of each dropped); 1-min load {r0['load_1min'][0]}–{r0['load_1min'][1]}.",
+                  f"`{FULL_BUFFERED}` is stock dense attention through the reading layer's append buffer (the sparse "
+                  "methods use that buffer too), so the last column isolates the gain of reading a subset.", "",
+                  "| policy | tokens/s | ms/token | speedup vs full | vs full (buffered append) | greedy agreement with full (32 tokens) | sparse/dense layer-reads |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for r in part:
+            reads = r["reads"]
+            detail = f"{reads.get('sparse', 0)}/{reads.get('dense', 0)}" if reads else "-"
+            lines.append(f"| {r['policy']} | {r['tokens_per_s']:.2f} | {r['median_step_s'] * 1e3:.1f} | {r['speedup']:.2f}x | "
+                         f"{r['speedup_vs_full_buffered']:.2f}x | {r['greedy_agreement_with_full']:.2f} | {detail} |")
+        for r in rows:
+            if r["section"] == "breakdown" and r["threads"] == threads:
+                lines += ["", f"Per-token cost at {r['context']} tokens over {r['layers']} layers ({threads} thread(s)): dense "
+                          f"attention {r['dense_attention_s_per_token'] * 1e3:.1f} ms; appending the new K/V the stock way "
+                          f"(torch.cat of the whole layer cache) {r['kv_append_cat_s_per_token'] * 1e3:.1f} ms.", ""]
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], out_dir: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kernel = [r for r in rows if r["section"] == "kernel" and r["case"] != "full"]
+    e2e = [r for r in rows if r["section"] == "end_to_end"]
+    threads_k = min((r["threads"] for r in kernel), default=1)
+    threads_e = min((r["threads"] for r in e2e), default=1)
+    fig, axes = plt.subplots(1, 2 if e2e else 1, figsize=(14 if e2e else 7, 5), squeeze=False)
+    ax = axes[0][0]
+    cases = ("gather k + sdpa (index given)", "reuse step (tokenselect hit, recycled, tidal/lessismore readers)",
+             "hisa (block filter + token top-k)", "tokenselect, fresh selection", "topk_attention (q·k scoring every step)")
+    for shape in SHAPES:
+        for index, case in enumerate(cases):
+            pts = [(r["context"], r["speedup"]) for r in kernel
+                   if r["shape"] == shape and r["case"] == case and r["threads"] == threads_k]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if shape.startswith("wide") else "--",
+                        marker="o", color=f"C{index}", label=f"{case.split(' (')[0]} [{shape.split(' (')[0]}]")
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("cached tokens")
+    ax.set_ylabel("speedup vs full SDPA (one layer, one step)")
+    ax.set_title(f"(a) attention alone, k={K}, {threads_k} thread(s); solid: 32q/8kv/128, dashed: 9q/3kv/64", fontsize=9)
+    ax.legend(fontsize=6)
+    if e2e:
+        ax = axes[0][1]
+        part = [r for r in e2e if r["threads"] == threads_e]
+        ax.bar([r["policy"] for r in part], [r["tokens_per_s"] for r in part],
+               color=["grey", "darkgrey"] + ["tab:blue"] * (len(part) - 2))
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"(b) SmolLM2-135M decode after {part[0]['prefill_tokens']} tokens, k={K}, {threads_e} thread(s)", fontsize=9)
+        ax.tick_params(axis="x", rotation=30, labelsize=7)
+    fig.tight_layout()
+    fig.savefig(out_dir / "sparse_speed.png", dpi=110)
+    plt.close(fig)
+
+
+def run_sparse_speed(out_dir: pathlib.Path, *, kernel_repeats: int = 15, context: int = 8128, steps: int = 32,
+                     rounds: int = 2, end_to_end: bool = True, threads: tuple[int, ...] = THREADS) -> None:
+    """Run (a) and (b); write results.jsonl, report.md and sparse_speed.png into ``out_dir``."""
+    out_dir = pathlib.Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = torch.get_num_threads()
+    rows: list[dict] = []
+    try:
+        for count_threads in threads:
+            torch.set_num_threads(count_threads)
+            rows += kernel_rows(kernel_repeats, count_threads)
+        if end_to_end:
+            rows += end_to_end_rows(context, steps, rounds, threads)
+    finally:
+        torch.set_num_threads(previous)
+    with open(out_dir / "results.jsonl", "w") as handle:
+        for row in rows:
+            handle.write(json.dumps(row) + "\n")
+    write_report(rows, out_dir)
+    plot(rows, out_dir)
+
+
+if __name__ == "__main__":
+    import sys
+
+    run_sparse_speed(pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "runs/sparse_speed"),
+                     end_to_end="--kernel-only" not in sys.argv)
