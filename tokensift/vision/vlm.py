@@ -11,7 +11,12 @@ Qwen2-VL, Idefics3 or SmolVLM model (each tested on a tiny random instance); its
   attention mask restricted to the tokens actually cached.
 * stage 2 (ToDRE, SparseVLM-style) — at LLM layer ``stage2_layer`` the visual tokens the
   instruction tokens attended to least in the previous layer are dropped from the hidden
-  states, so that layer and all later ones compute and cache fewer tokens.
+  states, so that layer and all later ones compute and cache fewer tokens. The attention
+  is read by a function registered with ``AttentionInterface`` (SDPA plus one small softmax
+  over the instruction rows at one layer), so stage 2 runs the language model on SDPA.
+
+Stage-1 importance scores: projected visual tokens carry no [CLS], so attention-based
+selectors use ``proxy_scores`` (attention of the mean visual token) inside a VLM.
 
 Keeping every token gives outputs identical to the unwrapped model.
 """
@@ -271,7 +276,9 @@ class VisualTokenPruner:
             kwargs = _cut_layer_kwargs(kwargs, st.s2_cols, st.s1_len)
         else:
             kwargs = _cut_decode_mask(kwargs, st.s2_cols, st.s1_len)
-        return (hidden, *args[1:]) if args else args, ({**kwargs, "hidden_states": hidden} if not args else kwargs)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
 
 
 def _register_attention() -> None:
