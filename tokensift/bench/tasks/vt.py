@@ -1,7 +1,9 @@
 """``vt``: variable tracking, after RULER (Hsieh et al. 2024).
 
 A chain ``VAR A = 12345.``, ``VAR B = VAR A.``, ... is hidden, in order, in essay text; the
-question asks which variables are assigned the value, so every hop must be followed.
+question asks which variables are assigned the value, so every hop must be followed. The
+answer cue is RULER's, ending in "VAR" so that this small model answers with variable names
+(without it, SmolLM2-135M answered "1. 2. 3. ..." on every instance).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ class VariableTracking(Task):
             question=f"Find all variables that are assigned the value {value} in the text above.",
             answer_cue=(
                 "According to the chain(s) of variable assignment in the text above, "
-                f"{len(names)} variables are assigned the value {value}, they are:"
+                f"{len(names)} variables are assigned the value {value}, they are: VAR"
             ),
         )
         instance, _ = needle_instance(
