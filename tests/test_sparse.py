@@ -246,3 +246,35 @@ def test_budget_is_an_alias_of_k():
     policy = build_policy("topk_attention", budget=256)
     assert policy.k == 256 and policy.budget is None and policy.describe() == "topk_attention(k=256)"
     assert build_policy("tokenselect", k="128").k == 128
+
+
+def test_reading_over_zipcache_storage():
+    model = tiny_llama()
+    ids = random_ids(90, seed=6)
+    alone = make_cache(model, build_policy("zipcache", n_sink=2, window=4))
+    expected = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=alone)
+    wide = make_cache(model, sparse_policy("tokenselect", k=120, base="zipcache"))
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=wide), expected)
+    cache = make_cache(model, sparse_policy("tokenselect", k=24, base="zipcache"))
+    model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    assert read_stats(cache)["sparse"] > 0 and cache.kv_bytes == alone.kv_bytes  # packed storage, subset read
+
+
+def test_append_buffer_writes_only_new_rows():
+    model = tiny_llama()
+    cache = make_cache(model, sparse_policy("topk_attention", k=24))
+    with torch.inference_mode():
+        model(random_ids(60), past_key_values=cache, use_cache=True)
+        layer = cache.selecting_layers[0]
+        model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+        buffer = layer.__dict__["_kv_buffer"][0]
+        for step in range(10):
+            model(torch.tensor([[6 + step]]), past_key_values=cache, use_cache=True)
+        assert layer.__dict__["_kv_buffer"][0] is buffer  # no reallocation, no copy of the past
+        assert layer.keys.data_ptr() == buffer.data_ptr() and layer.kept == 71 == layer.positions.shape[-1]
+    full = make_cache(model, build_policy("full"))
+    with torch.inference_mode():
+        model(random_ids(60), past_key_values=full, use_cache=True)
+        for step in range(11):
+            model(torch.tensor([[5 if step == 0 else 5 + step]]), past_key_values=full, use_cache=True)
+    assert torch.equal(full.selecting_layers[0].keys, layer.keys)

@@ -7,7 +7,8 @@ and ``sparse_speed.png``:
     transformers' two GQA paths) vs each reading method's ``read`` at ``k = 256`` (selection
     included), on the embedded model's shapes (9 query heads, 3 KV heads, dim 64) and a wider
     synthetic config (32 / 8 / 128), at 8k, 16k and 32k cached tokens;
-(b) *end-to-end*: greedy decode tokens/s of the embedded model after an 8k prompt, each
+(b) *end-to-end* (1 thread by default: with 2 threads on the loaded shared machine a full
+    decode step took ~2.8 s, almost all of it waiting): greedy decode tokens/s of the embedded model after an 8k prompt, each
     method vs ``full``, all from ONE full prefill (each method's cache is a shallow fork of
     the prefilled full cache: K/V tensors are shared, never written in place).
 
@@ -331,7 +332,8 @@ def plot(rows: list[dict], out_dir: pathlib.Path) -> None:
 
 
 def run_sparse_speed(out_dir: pathlib.Path, *, kernel_repeats: int = 15, context: int = 8128, steps: int = 32,
-                     rounds: int = 2, end_to_end: bool = True, threads: tuple[int, ...] = THREADS) -> None:
+                     rounds: int = 2, end_to_end: bool = True, threads: tuple[int, ...] = THREADS,
+                     e2e_threads: tuple[int, ...] = (1,)) -> None:
     """Run (a) and (b); write results.jsonl, report.md and sparse_speed.png into ``out_dir``."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -342,7 +344,7 @@ def run_sparse_speed(out_dir: pathlib.Path, *, kernel_repeats: int = 15, context
             torch.set_num_threads(count_threads)
             rows += kernel_rows(kernel_repeats, count_threads)
         if end_to_end:
-            rows += end_to_end_rows(context, steps, rounds, threads)
+            rows += end_to_end_rows(context, steps, rounds, e2e_threads)
     finally:
         torch.set_num_threads(previous)
     with open(out_dir / "results.jsonl", "w") as handle:
