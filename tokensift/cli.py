@@ -214,6 +214,27 @@ def bench(
     run_bench(config, out)
 
 
+compare_app = typer.Typer(no_args_is_help=True, help="Run another library on the same tasks, side by side.")
+app.add_typer(compare_app, name="compare")
+
+
+@compare_app.command("kvpress")
+def compare_kvpress_command(
+    out: Path = typer.Option(Path("runs/bench"), "--out", help="Benchmark folder to merge rows into."),
+    tasks: str = typer.Option("niah,niah_multikey,niah_multivalue,niah_multiquery,vt,cwe", "--tasks"),
+    length: int = typer.Option(4096, "--length"),
+    samples: int = typer.Option(10, "--samples"),
+    seed: int = typer.Option(0, "--seed"),
+    budgets: str = typer.Option("128,256,512", "--budgets", help="tokensift budgets; run as keep ratio budget/context."),
+    presses: Optional[str] = typer.Option(None, "--presses", help="Comma-separated kvpress presses (default: all supported)."),
+) -> None:
+    """NVIDIA kvpress (own virtualenv) on the same instances; rows merged with library=kvpress."""
+    from tokensift.bench.compare import compare_kvpress
+    from tokensift.bench.kvpress_compare import PRESSES
+
+    compare_kvpress(out, split_list(tasks), length, samples, seed, split_list(budgets, int), split_list(presses) or list(PRESSES))
+
+
 def register_optional_commands() -> None:
     """Commands that live with their feature (vision, bench), when present."""
     try:

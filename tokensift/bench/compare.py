@@ -1,0 +1,72 @@
+"""``tokensift compare kvpress``: NVIDIA kvpress on the same task instances, merged into the
+same ``results.jsonl`` (``library: kvpress``) and report.
+
+Same model (the embedded SmolLM2 GGUF), same token ids, same query-agnostic protocol, and the
+same size definition: a tokensift budget of B tokens per head at a context of C tokens is run
+in kvpress as keep ratio B / C (kvpress ``compression_ratio`` = 1 - B / C).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from tokensift.bench import kvpress_compare
+from tokensift.bench.report import write_report
+from tokensift.bench.runner import Results
+from tokensift.bench.tasks import QUERY_AGNOSTIC, build_instances, default_tokenizer, write_jsonl
+
+
+def kvpress_cell(task: str, length: int, press: str, budget: int) -> str:
+    return f"{task}|{QUERY_AGNOSTIC}|{length}|kvpress:{press}@{budget}"
+
+
+def compare_kvpress(out: Path, tasks: list[str], length: int, samples: int, seed: int, budgets: list[int],
+                    presses: list[str]) -> None:
+    """Run the presses at the budgets' keep ratios and merge the rows into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    results = Results(out / "results.jsonl")
+    tokenizer = default_tokenizer()
+    instances = [i for task in tasks for i in build_instances(task, tokenizer, length, samples, seed)]
+    context = len(instances[0].context_ids)
+    keep_of = {budget: budget / context for budget in budgets}
+    todo = [(p, b) for p in presses for b in budgets if not all(kvpress_cell(t, length, p, b) in results.done for t in tasks)]
+    if not todo:
+        write_report(out)
+        return
+    instances_path = out / f"kvpress_instances_{length}.jsonl"
+    write_jsonl(instances, instances_path)
+    todo_presses = sorted({p for p, _ in todo})
+    rows = kvpress_compare.run(instances_path, todo_presses, [keep_of[b] for b in budgets], out / f"kvpress_rows_{length}.jsonl")
+    budget_of = {round(keep, 9): budget for budget, keep in keep_of.items()}
+    for (task, press, budget), group in group_rows(rows, budget_of).items():
+        cell = kvpress_cell(task, length, press, budget)
+        if cell not in results.done and (press, budget) in todo:
+            results.write(kvpress_result_row(cell, task, length, press, budget, keep_of[budget], seed, group))
+    write_report(out)
+
+
+def group_rows(rows: list[dict], budget_of: dict) -> dict:
+    groups = defaultdict(list)
+    for row in rows:
+        task = row["key"].split("/")[0]
+        groups[(task, row["press"], budget_of[round(row["keep_ratio"], 9)])].append(row)
+    return groups
+
+
+def kvpress_result_row(cell, task, length, press, budget, keep, seed, group) -> dict:
+    scores = [r["score"] for r in group if r.get("score") is not None]
+    errors = sorted({r.get("error", "") for r in group if r.get("status") == "error"})
+    kept = [r["kv_tokens_effective"] for r in group if r.get("kv_tokens_effective") is not None]
+    return {
+        "cell": cell, "library": "kvpress", "task": task, "protocol": QUERY_AGNOSTIC, "length": length,
+        "policy": press, "budget": budget, "ratio": None, "keep_ratio": keep,
+        "kvpress_compression_ratio": 1 - keep, "params": {"press": press, "compression_ratio": 1 - keep},
+        "samples": len(scores), "score": sum(scores) / len(scores) if scores else None,
+        "sample_scores": scores, "kv_tokens": sum(kept) / len(kept) if kept else None,
+        "errors": errors, "versions": {"kvpress": kvpress_compare.KVPRESS_VERSION,
+                                       "transformers": kvpress_compare.KVPRESS_TRANSFORMERS},
+        "seed": seed, "suite": "compare",
+        "machine": json.loads(json.dumps({"threads": 2})),
+    }
