@@ -62,7 +62,7 @@ def score_matrix(rows: list[dict], tasks: list[str], protocol: str, length: int)
     """Mean score over ``tasks`` per (policy label, size label); only complete cells."""
     cells = defaultdict(dict)
     for r in rows:
-        if r["task"] in tasks and r["protocol"] == protocol and r["length"] == length:
+        if r["task"] in tasks and r["protocol"] == protocol and r["length"] == length and r.get("score") is not None:
             cells[(name_of(r), size_of(r))][r["task"]] = r["score"]
     sizes = sorted({size for (_, size) in cells}, key=size_order)
     matrix = {key: sum(v.values()) / len(tasks) for key, v in cells.items() if len(v) == len(tasks)}
