@@ -16,7 +16,7 @@ from __future__ import annotations
 class AcceptanceStats:
     """Forgetting averages of acceptance per key, with a prior."""
 
-    def __init__(self, prior: float = 0.3, prior_weight: float = 2.0, decay: float = 0.97):
+    def __init__(self, prior: float = 0.15, prior_weight: float = 2.0, decay: float = 0.97):
         self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
         self.table: dict = {}  # key -> [accepted, tried]
 
@@ -34,12 +34,14 @@ class AcceptanceStats:
                 "table": [[list(k) if isinstance(k, tuple) else k, v] for k, v in self.table.items()]}
 
 
-def choose_size(probs: list[float], cost, max_nodes: int, lazy_head: bool = True) -> tuple[int, float]:
+def choose_size(probs: list[float], cost, max_nodes: int, lazy_head: bool = True, margin: float = 1.05) -> tuple[int, float]:
     """Best number of draft nodes for ranked path probabilities ``probs``; returns (n, gain).
 
-    ``gain`` is the expected tokens per unit cost relative to plain decoding (1.0 at n = 0).
+    ``gain`` is the expected tokens per unit cost relative to plain decoding (1.0 at n = 0); a
+    tree is verified only when its expected gain beats plain decoding by ``margin`` (estimates
+    are noisy, and losing to plain decoding is worse than missing a small win).
     """
-    best_n, best_gain = 0, 1.0
+    best_n, best_gain = 0, margin
     prefix = [0.0]
     for p in probs[:max_nodes]:
         prefix.append(prefix[-1] + p)
@@ -52,4 +54,4 @@ def choose_size(probs: list[float], cost, max_nodes: int, lazy_head: bool = True
         gain = (1.0 + expected) / cost.relative(q, rows, speculative=True, lazy=lazy_head)
         if gain > best_gain:
             best_n, best_gain = n, gain
-    return best_n, best_gain
+    return best_n, (best_gain if best_n else 1.0)

@@ -56,7 +56,7 @@ class Lookahead(Drafter):
                 if budget[0] <= 0:
                     return
                 budget[0] -= 1
-                key = (self.name, key_len, min(depth, 8), min(rank, 2), min(count, 3))
+                key = (self.name, key_len, min(depth, 8), min(rank, 2), count > 1)
                 index = tree.add(parent, token, stats.rate(key), key)
                 if children:
                     walk(children, index, depth + 1)

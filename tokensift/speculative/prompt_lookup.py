@@ -1,4 +1,4 @@
-"""``prompt_lookup``: match the last n-gram (n = 3..1) in the prompt + output so far and draft
+"""``prompt_lookup``: match the last n-gram (n = 4..1) in the prompt + output so far and draft
 what followed it (up to ``branches`` distinct continuations, most recent first)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from tokensift.speculative.base import Drafter
 class PromptLookup(Drafter):
     name = "prompt_lookup"
 
-    def __init__(self, max_ngram: int = 3, max_len: int = 12, branches: int = 2):
+    def __init__(self, max_ngram: int = 4, max_len: int = 12, branches: int = 2):
         self.max_ngram, self.max_len, self.branches = max_ngram, max_len, branches
         self._array = np.zeros(0, dtype=np.int64)
 
