@@ -70,11 +70,15 @@ def tokensift_attention(module, query, key, value, attention_mask, scaling=None,
     return output, None
 
 
-def after_attention(layer: SelectingLayer, query: torch.Tensor, query_valid: torch.Tensor, scaling: float) -> None:
-    """Let the policy observe this call (statistics only if it needs them), then enforce the budget."""
+def after_attention(layer: SelectingLayer, query: torch.Tensor, query_valid: torch.Tensor, scaling: float, view=None) -> None:
+    """Let the policy observe this call (statistics only if it needs them), then enforce the budget.
+
+    ``view`` may be passed in to share statistics between several caches of the same prompt.
+    """
     policy = layer.policy
-    view = attention_view(layer, query, query_valid, scaling) if policy.needs_attention else None
-    policy.observe(layer, view)
+    if policy.needs_attention and view is None:
+        view = attention_view(layer, query, query_valid, scaling)
+    policy.observe(layer, view if policy.needs_attention else None)
     layer.enforce_budget()
 
 

@@ -6,7 +6,7 @@ probabilities are computed for blocks of query rows and reduced at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -29,6 +29,7 @@ class AttentionView:
     query_positions: torch.Tensor  # [q] long
     query_valid: torch.Tensor  # [batch, q] bool
     scaling: float
+    memo: dict = field(default_factory=dict, repr=False)  # column sums, reused when a view is shared
 
     @property
     def num_queries(self) -> int:
@@ -61,6 +62,12 @@ class AttentionView:
     def column_sum(self, row_weights: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
         """Attention each key received, summed over (weighted) valid query rows: ``[batch, kv_heads, kv]``."""
         start, stop, _ = rows.indices(self.num_queries)
+        key = (start, stop, None if row_weights is None else row_weights.float().numpy().tobytes())
+        if key not in self.memo:
+            self.memo[key] = self._column_sum(row_weights, start, stop)
+        return self.memo[key].clone()
+
+    def _column_sum(self, row_weights: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
         total = torch.zeros(self.keys.shape[:3], dtype=torch.float32, device=self.keys.device)
         for begin in range(start, stop, ROW_CHUNK):
             chunk = slice(begin, min(begin + ROW_CHUNK, stop))

@@ -9,11 +9,11 @@ identical to a fresh prefill under that policy (tested), at the cost of re-scori
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from tokensift.attention import after_attention
+from tokensift.attention import after_attention, attention_view
 from tokensift.cache import SelectingCache, SelectingLayer, make_cache, take_last_updated
 from tokensift.policies import build_policy
 
@@ -27,6 +27,7 @@ class Recording:
     queries: dict[int, tuple[torch.Tensor, float]]
     logits: torch.Tensor  # [batch, vocab] at the last prompt position
     input_ids: torch.Tensor
+    views: dict = field(default_factory=dict, repr=False)  # layer -> shared AttentionView (memoized sums)
 
     @property
     def length(self) -> int:
@@ -59,8 +60,15 @@ def replay(model, policy, recording: Recording) -> SelectingCache:
             take_last_updated(returned)
             layer.mark_new_tokens(valid)
             query, scaling = recording.queries[index]
-            after_attention(layer, query, valid, scaling)
+            after_attention(layer, query, valid, scaling, shared_view(recording, index, layer, query, valid, scaling))
     return cache
+
+
+def shared_view(recording: Recording, index: int, layer: SelectingLayer, query, valid, scaling):
+    """One AttentionView per layer and prompt, so attention sums are computed once for all policies."""
+    if index not in recording.views:
+        recording.views[index] = attention_view(layer, query, valid, scaling)
+    return recording.views[index]
 
 
 def merge_caches(caches: list[SelectingCache], model) -> SelectingCache:
