@@ -14,11 +14,15 @@ from tokensift.sparse import (
 @register
 @dataclass
 class HISA(SparsePolicy):
-    """Two-stage selection per KV head. Token score: the largest q·k over the KV head's query
-    group (one indexer score per token, as in the DSA indexer HISA accelerates). Stage 1: each
+    """Two-stage selection per KV head. Token score: one indexer score per token and KV head
+    (as in the DSA indexer HISA accelerates): each query head's softmax of q·k over the
+    candidates, summed over the KV head's query group (``group_score="softmax"``, TokenSelect's
+    soft vote; per-head normalization matters: raw q·k maxima let one head dominate), or the
+    largest q·k in the group (``"max"``). Stage 1: each
     block of ``block`` consecutive stored tokens is represented by its mean key (over real
     tokens; complete blocks are pooled once and kept in ``layer.state``); the ``keep_blocks``
-    blocks with the best pooled score are kept (blocks holding protected tokens always; default
+    blocks with the best pooled score (q · mean key + log of the block's real-token count,
+    scored across the group the same way) are kept (blocks holding protected tokens always; default
     ``ceil(4 k / block)``, i.e. about four candidates per token read).
     Stage 2: exact token top-``k`` inside the kept blocks. With every block kept it returns
     the same set as flat top-``k`` over the token score (:meth:`flat_select`).
@@ -30,8 +34,11 @@ class HISA(SparsePolicy):
     paper = "HISA: Efficient Hierarchical Indexing for Fine-Grained Sparse Attention"
     block: int = 64
     keep_blocks: int | None = None
+    group_score: str = "softmax"
 
     def validate_method(self) -> None:
+        if self.group_score not in ("softmax", "max"):
+            raise TokensiftError(f"hisa: group_score must be 'softmax' or 'max' (got '{self.group_score}')")
         if self.keep_blocks is None:
             self.keep_blocks = -(-4 * self.k // self.block)
         if self.block < 1 or self.keep_blocks < 1:
@@ -46,28 +53,43 @@ class HISA(SparsePolicy):
         return gather_attend(query, key, value, index, ok, scaling, query_valid)
 
     # ------------------------------------------------------------------ selection
+    def group_scores(self, logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """``[batch, kv_heads, group, n]`` logits -> ``[batch, kv_heads, n]`` indexer scores."""
+        logits = logits.float().masked_fill(~allowed[:, :, None], float("-inf"))
+        if self.group_score == "max":
+            return logits.amax(2)
+        return torch.softmax(logits, dim=-1).nan_to_num_(0.0).sum(2)
+
     def flat_select(self, layer, query, key, scaling):
         """Reference: flat top-``k`` over the token score (all blocks kept)."""
-        scores = group_reduce(head_logits(query, key, scaling), key.shape[1], "max")
-        return top_k(scores, self.k, forced_mask(layer), layer.valid)
+        batch, q_heads, _, dim = query.shape
+        kv_heads = key.shape[1]
+        logits = head_logits(query, key, scaling).view(batch, kv_heads, q_heads // kv_heads, -1)
+        return top_k(self.group_scores(logits, layer.valid), self.k, forced_mask(layer), layer.valid)
 
     def select(self, layer, query, key, scaling):
         batch, q_heads, _, dim = query.shape
         kv_heads, kept = key.shape[1], key.shape[2]
+        groups = q_heads // kv_heads
         n_blocks = -(-kept // self.block)
         forced, valid = forced_mask(layer), layer.valid
         means, counts = self.pooled_keys(layer, key, n_blocks)
-        block_scores = group_reduce(head_logits(query, means, scaling), kv_heads, "max")
+        # a block's attention mass ~ count * exp(q · mean key): score blocks like tokens
+        block_logits = head_logits(query, means, scaling).view(batch, kv_heads, groups, n_blocks)
+        block_logits = block_logits + counts.clamp(min=1).log()[:, :, None]
+        block_scores = self.group_scores(block_logits, counts > 0)
         block_forced = _blockwise_any(forced, self.block, n_blocks)
         blocks, _ = top_k(block_scores, self.keep_blocks, block_forced, counts > 0)
         offsets = torch.arange(self.block, device=key.device)
         candidates = (blocks[..., None] * self.block + offsets).reshape(batch, kv_heads, -1)
         in_range = candidates < kept
         candidates = candidates.clamp(max=kept - 1)
+        allowed = valid.gather(2, candidates) & in_range
         cand_keys = gather_rows(key, candidates)
-        q = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
-        logits = torch.matmul(q, cand_keys.transpose(-1, -2)).amax(2) * scaling
-        chosen, ok = top_k(logits, self.k, forced.gather(2, candidates) & in_range, valid.gather(2, candidates) & in_range)
+        q = query.reshape(batch, kv_heads, groups, dim)
+        logits = torch.matmul(q, cand_keys.transpose(-1, -2)) * scaling
+        scores = self.group_scores(logits, allowed)
+        chosen, ok = top_k(scores, self.k, forced.gather(2, candidates) & in_range, allowed)
         index = candidates.gather(2, chosen)
         index, order = index.sort(dim=-1)
         return index, ok.gather(2, order)
