@@ -267,17 +267,20 @@ def _plots(rows: list[dict], out_dir: Path) -> None:
 def merge_shards(out_dir: Path, shard_dirs: list[Path]) -> None:
     """Combine runs made concurrently on disjoint method sets into one results/report.
 
-    The first shard's ``full`` row heads the table; every method row keeps the speed ratio
-    against the full model timed in its own shard (column ``shard``).
+    The first shard's ``full`` row heads the table; a (setting, method, ratio) measured by two
+    shards is taken from the earlier one; every method row keeps the speed ratio against the
+    full model timed in its own shard (column ``shard``).
     """
-    rows, full = [], None
+    rows, full, seen = [], None, set()
     for i, shard in enumerate(shard_dirs):
         lines = (Path(shard) / "results.jsonl").read_text().splitlines()
         for row in map(json.loads, lines):
             row["shard"] = i
+            key = (row["setting"], row["method"], row["keep_ratio"])
             if row["setting"] == "full":
                 full = full or row
-            else:
+            elif key not in seen:
+                seen.add(key)
                 rows.append(row)
     meta = {k: full[k] for k in ("seed", "quick", "layer", "n_digits", "n_photos", "torch_threads")}
     meta["shards"] = len(shard_dirs)
