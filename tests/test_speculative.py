@@ -231,3 +231,14 @@ def test_real_model_greedy_identical():
             assert result.token_ids == plain[: len(result.token_ids)] and len(result.token_ids) == len(plain)
             total_steps, total_tokens = total_steps + result.steps, total_tokens + result.new_tokens
     assert total_tokens / total_steps > 1.05
+
+
+def test_online_cost_calibration_stops_unpaid_drafting():
+    """When real steps show verification is expensive, the adaptive tree shrinks to nothing."""
+    cost = CostModel.synthetic(0.01)
+    probs = [0.5, 0.3, 0.2, 0.1]
+    assert choose_size(probs, cost, 63)[0] > 0
+    cost.observe(1, 0.1)
+    for q in (2, 3, 4, 5):
+        cost.observe(q, 0.25)
+    assert choose_size(probs, cost, 63)[0] == 0

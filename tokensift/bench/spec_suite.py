@@ -9,7 +9,8 @@ cost curve (stock vs lazy output layer), each drafter alone, and fixed tree size
 
 Environment knobs (for quick runs): TOKENSIFT_SPEC_PROMPTS (per category, 4),
 TOKENSIFT_SPEC_TOKENS (128), TOKENSIFT_SPEC_ABLATION (prompts per category for the drafter
-and fixed-tree runs, 1), TOKENSIFT_SPEC_THREADS (2).
+and fixed-tree runs, 1), TOKENSIFT_SPEC_EXTRA (which of those, comma-separated; all),
+TOKENSIFT_SPEC_THREADS (2).
 """
 
 from __future__ import annotations
@@ -193,7 +194,7 @@ def run_spec_suite(out_dir: Path) -> None:
     model, tokenizer = load_model()
     load_before = os.getloadavg()
 
-    cost = measure_cost(model, context=512, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), repeats=4)
+    cost = measure_cost(model, context=512, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), repeats=3)
     cost.save(out_dir / "cost_model.json")
     curves = {"threads": threads, "context": 512,
               "stock_all_rows": cost.curve(lazy=False),
@@ -206,12 +207,14 @@ def run_spec_suite(out_dir: Path) -> None:
 
     prompts = spec_prompts(tokenizer, per_category)
     main = {"auto": Speculator(model, "auto", cost=cost)}
-    extra = {
-        "recycling": Speculator(model, "recycling", cost=cost),
-        "prompt_lookup": Speculator(model, "prompt_lookup", cost=cost),
-        "lookahead": Speculator(model, "lookahead", cost=cost),
-        **{f"auto_fixed_{n}": Speculator(model, "auto", fixed_nodes=n) for n in (3, 7, 15)},
+    makers = {
+        "recycling": lambda: Speculator(model, "recycling", cost=cost),
+        "prompt_lookup": lambda: Speculator(model, "prompt_lookup", cost=cost),
+        "lookahead": lambda: Speculator(model, "lookahead", cost=cost),
+        **{f"auto_fixed_{n}": (lambda n=n: Speculator(model, "auto", fixed_nodes=n)) for n in (3, 7, 15, 31)},
     }
+    wanted = os.environ.get("TOKENSIFT_SPEC_EXTRA", ",".join(makers)).split(",")
+    extra = {name: makers[name]() for name in wanted if name in makers}
     results_path = out_dir / "results.jsonl"
     records = []
     with results_path.open("w") as sink:

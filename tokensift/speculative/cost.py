@@ -39,6 +39,18 @@ class CostModel:
     context: int = 512
     threads: int = 1
     meta: dict = field(default_factory=dict)
+    observed: dict = field(default_factory=dict)  # size -> EMA seconds of real decode steps (online)
+
+    def bucket(self, q: int) -> int:
+        return next((size for size in self.sizes if size >= q), self.sizes[-1])
+
+    def observe(self, q: int, seconds: float) -> None:
+        """Online calibration from a real decode step of ``q`` tokens (drafting, verification and
+        rollback included): the offline curve, timed in isolation, misses what the machine's
+        load and the loop's own overhead do to it."""
+        size = self.bucket(q)
+        old = self.observed.get(size)
+        self.observed[size] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     @property
     def sizes(self) -> list[int]:
@@ -52,6 +64,14 @@ class CostModel:
 
     def relative(self, q: int, rows: float | None = None, speculative: bool = False, lazy: bool = False) -> float:
         rows = q if rows is None else rows
+        if speculative and 1 in self.observed and len(self.observed) > 1:
+            size = self.bucket(q)
+            if size in self.observed:
+                return self.observed[size] / self.observed[1]
+            # unvisited size: the offline curve, scaled by how far off it was at the visited ones
+            scales = [self.observed[s] / self.seconds(s, min(s, 2.0), lazy) for s in self.observed if s > 1]
+            scale = sorted(scales)[len(scales) // 2] / (self.observed[1] / self.seconds(1, 1))
+            return max(self.seconds(q, rows, lazy) / self.seconds(1, 1) * scale, 1.0)
         extra = self.overhead if speculative and q > 1 else 0.0
         return (self.seconds(q, rows, lazy) + extra) / self.seconds(1, 1)
 
@@ -67,13 +87,16 @@ class CostModel:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(self), indent=1))
+        data = asdict(self)
+        data["observed"] = {}  # online calibration belongs to a run, not to the machine file
+        path.write_text(json.dumps(data, indent=1))
 
     @classmethod
     def load(cls, path: Path) -> CostModel:
         data = json.loads(Path(path).read_text())
         data["body"] = {int(k): v for k, v in data["body"].items()}
         data["head"] = {int(k): v for k, v in data["head"].items()}
+        data["observed"] = {int(k): v for k, v in data.get("observed", {}).items()}
         return cls(**data)
 
 

@@ -220,9 +220,10 @@ class Speculator:
             if on_token is not None:
                 for t in new:
                     on_token(t)
-            if len(tree) > 1:
-                overhead = 0.9 * overhead + 0.1 * ((t1 - t0) + (time.perf_counter() - t2))
-                if self.cost is not None:
+            if self.cost is not None:
+                self.cost.observe(len(tree), time.perf_counter() - t0)
+                if len(tree) > 1:
+                    overhead = 0.9 * overhead + 0.1 * ((t1 - t0) + (time.perf_counter() - t2))
                     self.cost.overhead = overhead
             if eos is not None and new and new[-1] == eos:
                 break
