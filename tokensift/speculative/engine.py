@@ -118,8 +118,11 @@ class Speculator:
         for drafter in self.drafters:
             drafter.propose(context, tree, self.stats)
         order = tree.ranked()
+        self._steps = getattr(self, "_steps", 0) + 1
         if self.fixed_nodes is not None:
             chosen = order[: self.fixed_nodes]
+        elif self.cost is not None and (1 not in self.cost.observed or self._steps % 32 == 0):
+            chosen = []  # a plain step now and then: the online cost calibration needs its reference time
         else:
             probs = [tree.nodes[i].prob for i in order]
             n, _ = choose_size(probs, self.cost, self.max_nodes, self.lazy_head)
