@@ -236,6 +236,7 @@ def test_real_model_greedy_identical():
 def test_online_cost_calibration_stops_unpaid_drafting():
     """When real steps show verification is expensive, the adaptive tree shrinks to nothing."""
     cost = CostModel.synthetic(0.01)
+    cost.online = True
     probs = [0.5, 0.3, 0.2, 0.1]
     assert choose_size(probs, cost, 63)[0] > 0
     cost.observe(1, 0.1)

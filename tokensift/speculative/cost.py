@@ -40,6 +40,7 @@ class CostModel:
     threads: int = 1
     meta: dict = field(default_factory=dict)
     observed: dict = field(default_factory=dict)  # size -> EMA seconds of real decode steps (online)
+    online: bool = True  # calibrate from real step times (off for synthetic curves: deterministic tests)
 
     def bucket(self, q: int) -> int:
         return next((size for size in self.sizes if size >= q), self.sizes[-1])
@@ -48,6 +49,8 @@ class CostModel:
         """Online calibration from a real decode step of ``q`` tokens (drafting, verification and
         rollback included): the offline curve, timed in isolation, misses what the machine's
         load and the loop's own overhead do to it."""
+        if not self.online:
+            return
         size = self.bucket(q)
         old = self.observed.get(size)
         self.observed[size] = seconds if old is None else 0.8 * old + 0.2 * seconds
@@ -83,7 +86,7 @@ class CostModel:
     @classmethod
     def synthetic(cls, slope: float = 0.08) -> CostModel:
         """A made-up linear-ish curve (tests)."""
-        return cls({q: 1.0 + slope * (q - 1) for q in SIZES}, {r: 0.0 for r in HEAD_ROWS}, 0.0)
+        return cls({q: 1.0 + slope * (q - 1) for q in SIZES}, {r: 0.0 for r in HEAD_ROWS}, 0.0, online=False)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

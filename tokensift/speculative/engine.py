@@ -121,7 +121,7 @@ class Speculator:
         self._steps = getattr(self, "_steps", 0) + 1
         if self.fixed_nodes is not None:
             chosen = order[: self.fixed_nodes]
-        elif self.cost is not None and (1 not in self.cost.observed or self._steps % 32 == 0):
+        elif self.cost is not None and self.cost.online and (1 not in self.cost.observed or self._steps % 32 == 0):
             chosen = []  # a plain step now and then: the online cost calibration needs its reference time
         else:
             probs = [tree.nodes[i].prob for i in order]
@@ -223,7 +223,7 @@ class Speculator:
             if on_token is not None:
                 for t in new:
                     on_token(t)
-            if self.cost is not None:
+            if self.cost is not None and self.cost.online:
                 self.cost.observe(len(tree), time.perf_counter() - t0)
                 if len(tree) > 1:
                     overhead = 0.9 * overhead + 0.1 * ((t1 - t0) + (time.perf_counter() - t2))

