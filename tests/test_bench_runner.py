@@ -90,3 +90,12 @@ def test_tiny_end_to_end_bench_resumes(tmp_path, tiny_real_vocab):
     run_bench(config, tmp_path, model=model, tokenizer=tokenizer)  # resume: nothing new
     again = (tmp_path / "results.jsonl").read_text().splitlines()
     assert len(again) == len(rows)
+
+
+def test_all_suffix_runs_a_policy_once_without_budget():
+    from tokensift.bench.runner import BenchConfig, settings_for
+
+    config = BenchConfig(policies=["full", "zipcache@all", "snapkv"], budgets=[64, 128])
+    labels = [s.label for s in settings_for(config)]
+    assert labels == ["full", "zipcache", "snapkv@64", "snapkv@128"]
+    assert settings_for(config)[1].build().budget is None

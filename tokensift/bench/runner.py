@@ -30,6 +30,7 @@ from tokensift.policies import POLICIES, build_policy
 
 WRAPPED_DEFAULTS = ("caote(snapkv)", "graphkv(snapkv)", "pyramidkv(snapkv)", "adakv(snapkv)")
 MERGE_ROWS = 16
+ALL_TOKENS = "@all"  # policy suffix: one setting with no budget
 
 
 @dataclass
@@ -107,11 +108,14 @@ class Setting:
 
 
 def settings_for(config: BenchConfig) -> list[Setting]:
-    """Every (policy, size) pair; ``full`` once; policies that fail to build are reported and skipped."""
+    """Every (policy, size) pair; ``full`` once; policies that fail to build are reported and skipped.
+
+    ``name@all`` runs a policy once without a budget (e.g. ``zipcache@all``: quantize, evict nothing).
+    """
     out = []
     for policy in config.policies:
-        if policy == "full":
-            out.append(Setting("full"))
+        if policy == "full" or policy.endswith(ALL_TOKENS):
+            out.append(Setting(policy.removesuffix(ALL_TOKENS)))
             continue
         sizes = [Setting(policy, budget=b) for b in config.budgets] + [Setting(policy, ratio=r) for r in config.ratios]
         for setting in sizes:
