@@ -77,3 +77,15 @@ def test_prompt_longer_than_context_is_clear_error(tokenizer):
 def test_build_policy_converts_strings():
     policy = build_policy("a2sf", budget="128", factor="0.9")
     assert policy.budget == 128 and policy.factor == 0.9
+
+
+def test_package_exports_the_entry_points():
+    import tokensift
+    from tokensift.cache import make_cache
+    from tokensift.models import load_model
+    from tokensift.policies import build_policy
+
+    assert (tokensift.load_model, tokensift.build_policy) == (load_model, build_policy)
+    assert tokensift.make_cache is make_cache
+    with pytest.raises(AttributeError):
+        tokensift.no_such_thing  # noqa: B018
