@@ -73,6 +73,10 @@ class Policy:
             return
         if (self.budget is None) == (self.ratio is None):
             raise TokensiftError(f"policy '{self.name}' needs exactly one of budget=N or ratio=R")
+        self.check_size()
+
+    def check_size(self) -> None:
+        """A given ratio must be a fraction in (0, 1); a given budget must exceed the protected tokens."""
         if self.ratio is not None and not 0.0 < self.ratio < 1.0:
             raise TokensiftError(f"ratio must be between 0 and 1 exclusive (got {self.ratio}): it is the fraction kept")
         if self.budget is not None and self.budget <= self.protected:
@@ -86,6 +90,10 @@ class Policy:
         """Tokens to keep in a layer that has seen ``seen`` tokens; None keeps all."""
         if not self.evicts:
             return None
+        return self.size_budget(seen)
+
+    def size_budget(self, seen: int) -> int:
+        """The token budget for ``seen`` tokens: ``budget``, or ``ratio`` of them (above the protected)."""
         if self.budget is not None:
             return self.budget
         return max(math.ceil(self.ratio * seen), self.protected + 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -62,20 +61,10 @@ class ZipCache(Policy):
             raise TokensiftError(f"zipcache: need n_sink, window >= 0 and interval >= 1 (got {self.n_sink}, {self.window}, {self.interval})")
         if self.budget is not None and self.ratio is not None:
             raise TokensiftError("policy 'zipcache' takes at most one of budget=N or ratio=R")
-        if self.ratio is not None and not 0.0 < self.ratio < 1.0:
-            raise TokensiftError(f"ratio must be between 0 and 1 exclusive (got {self.ratio}): it is the fraction kept")
-        if self.budget is not None and self.budget <= self.protected:
-            raise TokensiftError(
-                f"budget {self.budget} leaves no room beyond the {self.protected} protected tokens "
-                f"(n_sink {self.n_sink} + window {self.window}): raise the budget or lower window/n_sink"
-            )
+        self.check_size()
 
     def layer_budget(self, layer_idx: int, num_layers: int, seen: int) -> int | None:
-        if not self.evicting:
-            return None
-        if self.budget is not None:
-            return self.budget
-        return max(math.ceil(self.ratio * seen), self.protected + 1)
+        return self.size_budget(seen) if self.evicting else None
 
     def observe(self, layer, view) -> None:
         running = pad_to(layer.token_state.get("zip_attn"), layer.kept, layer.keys)
