@@ -99,3 +99,12 @@ def test_all_suffix_runs_a_policy_once_without_budget():
     labels = [s.label for s in settings_for(config)]
     assert labels == ["full", "zipcache", "snapkv@64", "snapkv@128"]
     assert settings_for(config)[1].build().budget is None
+
+
+def test_reading_policies_are_teacher_forced_one_token_at_a_time():
+    """Blocks are read densely, so ppl/fidelity must feed readers single tokens to measure them."""
+    from tokensift.bench.metrics import DECODE_CHUNK
+    from tokensift.bench.runner import decode_chunk
+
+    assert decode_chunk(build_policy("tokenselect", k=64)) == 1
+    assert decode_chunk(build_policy("snapkv", budget=64)) == DECODE_CHUNK

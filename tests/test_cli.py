@@ -89,3 +89,9 @@ def test_package_exports_the_entry_points():
     assert tokensift.make_cache is make_cache
     with pytest.raises(AttributeError):
         tokensift.no_such_thing  # noqa: B018
+
+
+def test_lists_split_only_at_top_level_commas():
+    assert cli.split_list("full, zipcache(hi_bits=8,lo_bits=4)@all,adakv(caote(snapkv))") == [
+        "full", "zipcache(hi_bits=8,lo_bits=4)@all", "adakv(caote(snapkv))"]
+    assert cli.split_list("64,128", int) == [64, 128]

@@ -160,12 +160,23 @@ def demo(
     run_demo(budget=budget, length=length, samples=samples)
 
 
+def top_level_items(value: str) -> list[str]:
+    """Split on commas outside parentheses: ``"a,zipcache(hi_bits=8,lo_bits=4)"`` is two items."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(value):
+        depth += (char == "(") - (char == ")")
+        if char == "," and depth == 0:
+            items.append(value[start:i])
+            start = i + 1
+    return items + [value[start:]]
+
+
 def split_list(value: str | None, convert=str) -> list | None:
     """``"a,b"`` -> ``["a", "b"]`` (None stays None), with a one-line error on bad items."""
     if not value:
         return None
     try:
-        return [convert(item.strip()) for item in value.split(",") if item.strip()]
+        return [convert(item.strip()) for item in top_level_items(value) if item.strip()]
     except ValueError:
         raise TokensiftError(f"cannot read the list '{value}'") from None
 

@@ -238,6 +238,12 @@ def run_retrieval(model, tokenizer, config, results, task, protocol, length, set
         results.write(make_row(task, protocol, length, s, config, scores[s], extra))
 
 
+def decode_chunk(policy) -> int:
+    """Tokens fed per forward when teacher forcing: reading policies read a subset only on
+    single-token steps (blocks are dense), so they get one token at a time."""
+    return 1 if getattr(policy, "reads_subset", False) else metrics.DECODE_CHUNK
+
+
 @torch.inference_mode()
 def teacher_forced_logits(model, cache, tokens: list[int], chunk: int) -> torch.Tensor:
     """Feed ``tokens`` in chunks of ``chunk`` (policy active after each); logits ``[n, vocab]``."""
@@ -263,9 +269,10 @@ def run_ppl(model, tokenizer, config, results, settings, progress) -> None:
     for instance in instances:
         recording = record_prefill(model, torch.tensor([instance.context_ids]))
         targets = torch.tensor(instance.suffix_ids)
+        policies = {s: s.build() for s in pending}
         for s in pending:
-            cache = replay(model, s.build(), recording)
-            logits = teacher_forced_logits(model, cache, instance.suffix_ids[:-1], metrics.DECODE_CHUNK)
+            cache = replay(model, policies[s], recording)
+            logits = teacher_forced_logits(model, cache, instance.suffix_ids[:-1], decode_chunk(policies[s]))
             logits = torch.cat([recording.logits, logits])
             nll[s].append(float(torch.nn.functional.cross_entropy(logits, targets)))
             kv[s].append((cache.kv_bytes, cache.kv_bytes_full, cache.kv_tokens()))
@@ -291,7 +298,8 @@ def run_fidelity(model, tokenizer, config, results, length, settings, progress) 
         reference = teacher_forced_logits(model, replay(model, build_policy("full"), recording), fed, metrics.DECODE_CHUNK)
         reference = reference[len(instance.suffix_ids) - 1:]
         for s in pending:
-            logits = teacher_forced_logits(model, replay(model, s.build(), recording), fed, metrics.DECODE_CHUNK)
+            policy = s.build()
+            logits = teacher_forced_logits(model, replay(model, policy, recording), fed, decode_chunk(policy))
             logits = logits[len(instance.suffix_ids) - 1:]
             match[s].append(metrics.matching_prefix(logits, reference_tokens))
             kl[s].append(metrics.mean_kl(reference[: metrics.KL_POSITIONS], logits[: metrics.KL_POSITIONS]))
