@@ -67,7 +67,7 @@ def demo_table(rows: list[dict], instances, length: int) -> Table:
     gold = ", ".join(i.answers[0] for i in instances)
     table = Table(title=f"needle in a {length}-token haystack, question asked after compression (gold: {gold})")
     for column in ("policy", "answer correct?", "KV MB held", "tokens/s", "answers"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # narrow terminals wrap, never cut, a policy name
     for row in rows:
         table.add_row(
             row["policy"], f"{row['correct']}/{row['samples']}", f"{row['kv_mb']:.1f}",
