@@ -1,5 +1,6 @@
 """``make demo``: a ~4k-token needle in a haystack of Paul Graham essays, answered by the
-embedded model with the full cache and with three policies at a fixed budget.
+embedded model with the full cache, two eviction policies at a fixed budget, and zipcache
+keeping every token at 8/4 bits.
 
 Query-agnostic: the essays (with the needle) are prefilled and compressed first; the question
 is appended only afterwards, so no policy can see what will be asked.
@@ -18,11 +19,13 @@ from tokensift.generate import generate
 from tokensift.models import load_model
 from tokensift.policies import build_policy
 
-DEMO_POLICIES = ("full", "streaming_llm", "snapkv", "a2sf")
+EVICTING = ("streaming_llm", "snapkv")  # keep `budget` tokens per layer and KV head
 
 
 def demo_policies(budget: int):
-    return [build_policy(name) if name == "full" else build_policy(name, budget=budget) for name in DEMO_POLICIES]
+    """The full cache, two eviction policies at ``budget``, and zipcache keeping every token at 8/4 bits."""
+    evicting = [build_policy(name, budget=budget) for name in EVICTING]
+    return [build_policy("full"), *evicting, build_policy("zipcache", hi_bits=8, lo_bits=4)]
 
 
 def run_demo(budget: int = 512, length: int = 4096, samples: int = 3, seed: int = 0) -> list[dict]:
@@ -33,14 +36,14 @@ def run_demo(budget: int = 512, length: int = 4096, samples: int = 3, seed: int 
         model, tokenizer = load_model()
     task = get_task("niah")
     instances = [task.build(tokenizer, length, i, seed, QUERY_AGNOSTIC) for i in range(samples)]
-    rows = []
+    rows, policies = [], demo_policies(budget)
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(), TimeRemainingColumn(), console=console,
     )
     with progress:
-        bar = progress.add_task("needle prompts", total=len(DEMO_POLICIES) * samples)
-        for policy in demo_policies(budget):
+        bar = progress.add_task("needle prompts", total=len(policies) * samples)
+        for policy in policies:
             correct, kv_bytes, speeds, answers = 0, 0, [], []
             for instance in instances:
                 progress.update(bar, description=f"{policy.describe()} depth {instance.meta.get('depth')}")
