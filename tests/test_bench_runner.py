@@ -108,3 +108,11 @@ def test_reading_policies_are_teacher_forced_one_token_at_a_time():
 
     assert decode_chunk(build_policy("tokenselect", k=64)) == 1
     assert decode_chunk(build_policy("snapkv", budget=64)) == DECODE_CHUNK
+
+
+def test_default_policies_build_distinct_policies():
+    """No default setting repeats another under a different name (e.g. ``adakv(snapkv)`` is ``adakv``)."""
+    from tokensift.bench.runner import default_policies
+
+    described = [build_policy(name, budget=64).describe() for name in default_policies() if name != "full"]
+    assert len(described) == len(set(described)), sorted(described)
