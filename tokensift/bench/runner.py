@@ -261,28 +261,26 @@ def teacher_forced_logits(model, cache, tokens: list[int], chunk: int) -> torch.
 
 
 def run_ppl(model, tokenizer, config, results, settings, progress) -> None:
+    """Perplexity per setting; each setting's row is written as soon as it is done (resumable)."""
     length = config.ppl_length
     pending = results.pending("ppl", QUERY_AGNOSTIC, length, settings)
     if not pending:
         return
     instances = build_instances("ppl", tokenizer, length, config.ppl_samples, config.seed)
-    nll = {s: [] for s in pending}
-    kv = {s: [] for s in pending}
-    for instance in instances:
-        recording = record_prefill(model, torch.tensor([instance.context_ids]))
-        targets = torch.tensor(instance.suffix_ids)
-        policies = {s: s.build() for s in pending}
-        for s in pending:
-            cache = replay(model, policies[s], recording)
-            logits = teacher_forced_logits(model, cache, instance.suffix_ids[:-1], decode_chunk(policies[s]))
-            logits = torch.cat([recording.logits, logits])
-            nll[s].append(float(torch.nn.functional.cross_entropy(logits, targets)))
-            kv[s].append((cache.kv_bytes, cache.kv_bytes_full, cache.kv_tokens()))
-            progress(1)
+    recordings = [record_prefill(model, torch.tensor([instance.context_ids])) for instance in instances]
     for s in pending:
-        mean_nll = sum(nll[s]) / len(nll[s])
-        extra = metrics.kv_summary(kv[s]) | {"nll": mean_nll, "ppl": math.exp(mean_nll), "scored_tokens": len(instances[0].suffix_ids)}
-        results.write(make_row("ppl", QUERY_AGNOSTIC, length, s, config, [math.exp(x) for x in nll[s]], extra))
+        nll, kv = [], []
+        for instance, recording in zip(instances, recordings):
+            policy = s.build()
+            cache = replay(model, policy, recording)
+            logits = teacher_forced_logits(model, cache, instance.suffix_ids[:-1], decode_chunk(policy))
+            logits = torch.cat([recording.logits, logits])
+            nll.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(instance.suffix_ids))))
+            kv.append((cache.kv_bytes, cache.kv_bytes_full, cache.kv_tokens()))
+            progress(1)
+        mean_nll = sum(nll) / len(nll)
+        extra = metrics.kv_summary(kv) | {"nll": mean_nll, "ppl": math.exp(mean_nll), "scored_tokens": len(instances[0].suffix_ids)}
+        results.write(make_row("ppl", QUERY_AGNOSTIC, length, s, config, [math.exp(x) for x in nll], extra))
 
 
 def run_fidelity(model, tokenizer, config, results, length, settings, progress) -> None:
