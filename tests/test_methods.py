@@ -230,3 +230,15 @@ def test_graphkv_without_decay_is_its_inner_ranking():
             model(random_ids(70), past_key_values=cache, use_cache=True)
         kept[expression] = [set(h.tolist()) for l in cache.selecting_layers for h in l.positions[0]]
     assert kept["graphkv(snapkv, decay=0)"] == kept["snapkv"]
+
+
+def test_graphkv_similarity_matches_the_full_matrix():
+    from tokensift.policies.graphkv import similarity_to, unit_keys
+
+    generator = torch.Generator().manual_seed(3)
+    keys = unit_keys(torch.randn(2, 3, 300, 16, generator=generator), torch.ones(2, 3, 300, dtype=torch.bool))
+    chosen = torch.rand(2, 3, 300, generator=generator) < 0.05
+    chosen[1, 2] = False  # a head with nothing chosen
+    full = torch.matmul(keys, keys.transpose(-1, -2)).masked_fill(~chosen[:, :, None, :], float("-inf")).amax(-1)
+    assert torch.allclose(similarity_to(keys, chosen), full, atol=1e-6)
+    assert torch.isinf(similarity_to(keys, chosen)[1, 2]).all()

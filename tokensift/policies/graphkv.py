@@ -60,16 +60,17 @@ def unit_keys(keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 def similarity_to(keys: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
-    """``[batch, heads, n]``: each token's largest cosine to the tokens where ``chosen`` is True."""
-    sims = torch.matmul(keys, keys.transpose(-1, -2)) if chosen.shape[-1] <= 64 else None
-    if sims is not None:
-        return sims.masked_fill(~chosen[:, :, None, :], float("-inf")).amax(dim=-1)
-    best = torch.full(chosen.shape, float("-inf"), device=keys.device)
-    for begin in range(0, keys.shape[2], 256):
-        block = torch.matmul(keys, keys[:, :, begin:begin + 256].transpose(-1, -2))
-        block = block.masked_fill(~chosen[:, :, None, begin:begin + 256], float("-inf"))
-        best = torch.maximum(best, block.amax(dim=-1))
-    return best
+    """``[batch, heads, n]``: each token's largest cosine to the tokens where ``chosen`` is True.
+
+    Only the chosen tokens' rows are computed (``count x n``, not ``n x n``)."""
+    count = int(chosen.sum(-1).max())
+    if count == 0:
+        return torch.full(chosen.shape, float("-inf"), device=keys.device)
+    rows = chosen.float().topk(count, dim=-1).indices  # chosen positions first, [b, h, count]
+    row_ok = chosen.gather(-1, rows)
+    row_keys = keys.gather(2, rows[..., None].expand(-1, -1, -1, keys.shape[-1]))
+    sims = torch.matmul(row_keys, keys.transpose(-1, -2))  # [b, h, count, n]
+    return sims.masked_fill(~row_ok[..., None], float("-inf")).amax(dim=2)
 
 
 def greedy_decay(base, keys, selected, valid, budget: int, decay: float, step: int) -> torch.Tensor:
