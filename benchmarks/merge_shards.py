@@ -1,0 +1,41 @@
+"""Merge benchmark shards (separate processes, separate folders) into one results folder.
+
+Usage: python benchmarks/merge_shards.py SHARD_DIR [SHARD_DIR ...]   (see results/standard/RUN.md)
+
+The first row of a cell wins. Wrapped defaults identical to their plain policy (their default
+inner is snapkv) are dropped: only the first shard ran them, before the default list was fixed.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from tokensift.bench.report import write_report
+
+OUT = Path("benchmarks/results/standard")
+DUPLICATES = {"adakv(snapkv)", "graphkv(snapkv)", "pyramidkv(snapkv)"}
+
+
+def shard_rows(shard: Path) -> list[dict]:
+    path = shard / "results.jsonl"
+    if not path.exists():
+        print(f"missing {path}")
+        return []
+    return [json.loads(line) | {"shard": shard.name} for line in path.read_text().splitlines() if line.strip()]
+
+
+def main(shards: list[str]) -> None:
+    seen, rows = set(), []
+    for shard in shards:
+        for row in shard_rows(Path(shard)):
+            if row["policy"] not in DUPLICATES and row["cell"] not in seen:
+                seen.add(row["cell"])
+                rows.append(row)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_report(OUT)
+    print(f"{len(rows)} rows -> {OUT}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
