@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from tokensift.bench.report import write_report
+from tokensift.bench.report import load_rows, write_report
 
 OUT = Path("benchmarks/results/standard")
 DUPLICATES = {"adakv(snapkv)", "graphkv(snapkv)", "pyramidkv(snapkv)"}
@@ -21,7 +21,7 @@ def shard_rows(shard: Path) -> list[dict]:
     if not path.exists():
         print(f"missing {path}")
         return []
-    return [json.loads(line) | {"shard": shard.name} for line in path.read_text().splitlines() if line.strip()]
+    return [row | {"shard": shard.name} for row in load_rows(path)]
 
 
 def main(shards: list[str]) -> None:

@@ -67,15 +67,18 @@ def similarity_to(keys: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
     if count == 0:
         return torch.full(chosen.shape, float("-inf"), device=keys.device)
     rows = chosen.float().topk(count, dim=-1).indices  # chosen positions first, [b, h, count]
-    row_ok = chosen.gather(-1, rows)
+    return similarity_to_rows(keys, rows, chosen.gather(-1, rows))
+
+
+def similarity_to_rows(keys: torch.Tensor, rows: torch.Tensor, row_ok: torch.Tensor) -> torch.Tensor:
+    """``[batch, heads, n]``: each token's largest cosine to the tokens at ``rows`` (``[b, h, r]``) where ``row_ok``."""
     row_keys = keys.gather(2, rows[..., None].expand(-1, -1, -1, keys.shape[-1]))
-    sims = torch.matmul(row_keys, keys.transpose(-1, -2))  # [b, h, count, n]
+    sims = torch.matmul(row_keys, keys.transpose(-1, -2))  # [b, h, r, n]
     return sims.masked_fill(~row_ok[..., None], float("-inf")).amax(dim=2)
 
 
 def greedy_decay(base, keys, selected, valid, budget: int, decay: float, step: int) -> torch.Tensor:
     """Greedy redundancy-aware selection; returns scores whose top-``budget`` is the greedy set."""
-    selected = selected.clone()
     closest = similarity_to(keys, selected).clamp(min=0.0)
     current = base * (1.0 - decay * closest)
     final = current.clone()
@@ -88,10 +91,7 @@ def greedy_decay(base, keys, selected, valid, budget: int, decay: float, step: i
         picked_ok = available.gather(-1, picked)
         final.scatter_(-1, picked, torch.where(picked_ok, current.gather(-1, picked), final.gather(-1, picked)))
         available.scatter_(-1, picked, torch.zeros_like(picked_ok))
-        picked_keys = keys.gather(2, picked[..., None].expand(-1, -1, -1, keys.shape[-1]))
-        sims = torch.matmul(picked_keys, keys.transpose(-1, -2))  # [b, h, take, n]
-        sims = sims.masked_fill(~picked_ok[..., None], float("-inf")).amax(dim=2)
-        closest = torch.maximum(closest, sims.clamp(min=0.0))
+        closest = torch.maximum(closest, similarity_to_rows(keys, picked, picked_ok).clamp(min=0.0))
         current = torch.minimum(current, base * (1.0 - decay * closest))
         remaining -= take
     return torch.where(available, current, final).masked_fill(~valid, float("-inf"))
