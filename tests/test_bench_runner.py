@@ -116,3 +116,57 @@ def test_default_policies_build_distinct_policies():
 
     described = [build_policy(name, budget=64).describe() for name in default_policies() if name != "full"]
     assert len(described) == len(set(described)), sorted(described)
+
+
+def test_greedy_stops_once_every_row_is_settled():
+    model = tiny_llama()
+    ids = random_ids(40, seed=2)
+    cache = replay(model, build_policy("full"), record_prefill(model, ids))
+    whole = greedy_tokens(model, cache, [5, 6], 1, 8)[0]
+    cache = replay(model, build_policy("full"), record_prefill(model, ids))
+    short = greedy_tokens(model, cache, [5, 6], 1, 8, settled=lambda tokens: len(tokens) >= 3)[0]
+    assert len(whole) == 8 and short == whole[:3]
+
+
+def test_merge_groups_hold_one_size_each():
+    from tokensift.bench.runner import MERGE_ROWS, Setting, merge_groups
+
+    settings = [Setting("full")] + [Setting(p, budget=b) for b in (64, 128) for p in ("h2o", "snapkv", "tova")]
+    settings += [Setting(f"p{i}", budget=256) for i in range(MERGE_ROWS + 1)]
+    groups = merge_groups(settings)
+    assert all(len({(s.budget, s.ratio) for s in group}) == 1 for group in groups)
+    assert sorted(len(g) for g in groups) == [1, 1, 3, 3, MERGE_ROWS]
+    assert sorted(map(Setting.__repr__, sum(groups, []))) == sorted(map(Setting.__repr__, settings))
+
+
+def test_full_only_tasks_run_the_full_cache_alone():
+    from tokensift.bench.runner import job_settings, plan_jobs, settings_for
+
+    config = BenchConfig.for_suite("standard", policies=["full", "snapkv"])
+    jobs = plan_jobs(config)
+    retrieval = [job for job in jobs if job.task not in ("ppl", "fidelity")]
+    assert [job.full_only for job in retrieval] == sorted(job.full_only for job in retrieval)  # heavy jobs first
+    for job in retrieval:
+        chosen = [s.label for s in job_settings(job, config, settings_for(config))]
+        assert chosen == (["full"] if job.full_only else ["full"] + [f"snapkv@{b}" for b in config.budgets])
+    named = BenchConfig.for_suite("standard", tasks=["vt"])  # naming a task runs it with every policy
+    assert named.full_only_tasks == [] and not any(job.full_only for job in plan_jobs(named))
+
+
+def test_workers_give_the_same_rows_as_one_process(tmp_path, tiny_real_vocab):
+    model, tokenizer = tiny_real_vocab
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    config = BenchConfig.for_suite(
+        "quick", policies=["full", "snapkv", "tova"], budgets=[64], lengths=[600], samples=2,
+        tasks=["niah", "vt", "fidelity"], model=str(tmp_path / "model"),
+    )
+    run_bench(config, tmp_path / "one", model=model, tokenizer=tokenizer)
+    run_bench(config, tmp_path / "two", workers=2)
+
+    def scores(folder):
+        rows = [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+        return {row["cell"]: (row["sample_scores"], row.get("sample_kl"), row.get("kv_bytes")) for row in rows}
+
+    assert scores(tmp_path / "two") == scores(tmp_path / "one")
+    assert len(scores(tmp_path / "one")) == 9

@@ -154,3 +154,19 @@ def test_user_errors_are_one_line(tokenizer):
         build_instances("niah", tokenizer, 1024, protocol="sideways")
     with pytest.raises(TokensiftError, match="length"):
         build_instances("niah", tokenizer, 100)
+
+
+@pytest.mark.parametrize("text, settled", [
+    (" 19405", False),  # more digits could still follow
+    (" 19405.", True),
+    (" 1940", False),
+    (" 55555. Then", False),  # a wrong answer never settles (the right one may follow)
+    (" none\nQuestion: what", True),  # the rest is ignored by the scorer
+])
+def test_answer_settles_only_when_more_text_cannot_change_the_score(text, settled):
+    from tokensift.bench.tasks.scoring import answer_recall, answer_settled
+
+    assert answer_settled(["19405"], text) is settled
+    if settled:
+        for more in ("1", "5 and 7", "\nQuestion: 19405."):
+            assert answer_recall(["19405"], text + more) == answer_recall(["19405"], text)

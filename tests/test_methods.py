@@ -242,3 +242,53 @@ def test_graphkv_similarity_matches_the_full_matrix():
     full = torch.matmul(keys, keys.transpose(-1, -2)).masked_fill(~chosen[:, :, None, :], float("-inf")).amax(-1)
     assert torch.allclose(similarity_to(keys, chosen), full, atol=1e-6)
     assert torch.isinf(similarity_to(keys, chosen)[1, 2]).all()
+
+
+def brute_column_sum(view, row_weights):
+    """Whole-matrix softmax per query head, averaged over the group, weighted sum over rows."""
+    query = view.query.float()
+    keys = view.keys.float().repeat_interleave(view.groups, dim=1)
+    logits = torch.matmul(query, keys.transpose(-1, -2)) * view.scaling
+    visible = view.key_valid[:, :, None, :] & (view.key_positions[:, :, None, :] <= view.query_positions[None, None, :, None])
+    visible = visible.repeat_interleave(view.groups, dim=1)
+    probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    batch, heads, rows, kv = probs.shape
+    probs = probs.view(batch, heads // view.groups, view.groups, rows, kv).mean(2)
+    weights = view.query_valid.float() * row_weights[None]
+    return torch.einsum("bhrk,br->bhk", probs, weights)
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.99, 0.5])
+def test_column_sum_matches_whole_matrix_with_unsorted_padded_keys(factor):
+    from tokensift.scoring import AttentionView
+
+    generator = torch.Generator().manual_seed(3)
+    batch, kv_heads, groups, kv, rows, dim = 2, 2, 3, 700, 600, 8
+    positions = torch.stack([torch.randperm(kv, generator=generator) for _ in range(batch * kv_heads)]).view(batch, kv_heads, kv)
+    valid = torch.rand(batch, kv_heads, kv, generator=generator) > 0.1
+    view = AttentionView(
+        query=torch.randn(batch, kv_heads * groups, rows, dim, generator=generator),
+        keys=torch.randn(batch, kv_heads, kv, dim, generator=generator),
+        key_valid=valid, key_positions=positions,
+        query_positions=torch.arange(kv - rows, kv), query_valid=torch.rand(batch, rows, generator=generator) > 0.2,
+        scaling=dim**-0.5,
+    )
+    weights = factor ** torch.arange(rows - 1, -1, -1, dtype=torch.float32)
+    expected = brute_column_sum(view, weights)
+    got = view.column_sum(row_weights=None if factor == 1.0 else weights)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_column_sum_skips_only_keys_no_row_can_see():
+    """Causal prefill: a chunk of early rows never reads later keys, so they are not computed."""
+    from tokensift.scoring import AttentionView
+
+    n = 600
+    view = AttentionView(
+        query=torch.randn(1, 3, n, 8), keys=torch.randn(1, 1, n, 8), key_valid=torch.ones(1, 1, n, dtype=torch.bool),
+        key_positions=torch.arange(n).view(1, 1, n), query_positions=torch.arange(n),
+        query_valid=torch.ones(1, n, dtype=torch.bool), scaling=0.3,
+    )
+    assert view.reach(slice(0, 256)) == 256
+    assert view.reach(slice(256, 512)) == 512
+    torch.testing.assert_close(view.column_sum(), brute_column_sum(view, torch.ones(n)), atol=1e-6, rtol=1e-5)

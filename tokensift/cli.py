@@ -201,6 +201,9 @@ def bench(
     samples: Optional[int] = typer.Option(None, "--samples", help="Instances per task and length."),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("runs/bench"), "--out", help="Output folder (rerun to resume)."),
+    full_only_tasks: Optional[str] = typer.Option(None, "--full-only-tasks", help="Retrieval tasks run with the full cache only."),
+    lm_budgets: Optional[str] = typer.Option(None, "--lm-budgets", help="Budgets for ppl and fidelity (default: --budgets)."),
+    workers: int = typer.Option(1, "--workers", help="Processes sharing the cores (each loads the model)."),
 ) -> None:
     """Run a benchmark suite; writes results.jsonl, report.md and plots into --out."""
     import importlib
@@ -220,9 +223,9 @@ def bench(
     config = BenchConfig.for_suite(
         suite, policies=split_list(policies), budgets=split_list(budgets, int), ratios=split_list(ratios, float),
         lengths=split_list(lengths, int), tasks=split_list(tasks), protocols=split_list(protocols),
-        samples=samples, seed=seed,
+        samples=samples, seed=seed, full_only_tasks=split_list(full_only_tasks), lm_budgets=split_list(lm_budgets, int),
     )
-    run_bench(config, out)
+    run_bench(config, out, workers=workers)
 
 
 compare_app = typer.Typer(no_args_is_help=True, help="Run another library on the same tasks, side by side.")

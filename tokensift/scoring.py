@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import torch
 
 ROW_CHUNK = 256
+# rows weighted below this fraction of the heaviest row add < 1e-9 to any score: skipped
+NEGLIGIBLE_WEIGHT = 1e-9
 
 
 @dataclass
@@ -39,25 +41,44 @@ class AttentionView:
     def groups(self) -> int:
         return self.query.shape[1] // self.keys.shape[1]
 
-    def visible(self, rows: slice) -> torch.Tensor:
-        """``[batch, kv_heads, rows, kv]`` bool: which keys each query row may see."""
+    def visible(self, rows: slice, reach: int | None = None) -> torch.Tensor:
+        """``[batch, kv_heads, rows, kv]`` bool: which keys (of the first ``reach``) each query row may see."""
         qpos = self.query_positions[rows]
-        return self.key_valid[:, :, None, :] & (self.key_positions[:, :, None, :] <= qpos[None, None, :, None])
+        valid, positions = self.key_valid[..., :reach], self.key_positions[..., :reach]
+        return valid[:, :, None, :] & (positions[:, :, None, :] <= qpos[None, None, :, None])
 
-    def probs(self, rows: slice) -> torch.Tensor:
-        """Softmax attention of query ``rows`` over all keys, ``[batch, kv_heads, rows, kv]``.
+    def reach(self, rows: slice) -> int:
+        """How many leading keys any of ``rows`` can see; later keys get probability 0 (causal prefill)."""
+        seen = self.key_valid & (self.key_positions <= self.query_positions[rows].max())
+        seen = seen.flatten(0, 1).any(0).nonzero()
+        return int(seen[-1]) + 1 if len(seen) else 0
 
-        Averaged over each KV head's query group; fp32.
+    def probs(self, rows: slice, reach: int | None = None) -> torch.Tensor:
+        """Softmax attention of query ``rows`` over the first ``reach`` keys (all by default),
+        ``[batch, kv_heads, rows, reach]``. Averaged over each KV head's query group; fp32.
         """
-        batch, kv_heads, kv, dim = self.keys.shape
-        query = self.query[:, :, rows].float()
+        return self.group_probs(rows, reach).mean(dim=2)
+
+    def group_probs(self, rows: slice, reach: int | None = None) -> torch.Tensor:
+        """Like :meth:`probs` but per query head: ``[batch, kv_heads, groups, rows, reach]``."""
+        batch, kv_heads, _, dim = self.keys.shape
+        keys = self.keys[:, :, :reach].float()
+        query = self.query[:, :, rows].float() * self.scaling
         n_rows = query.shape[2]
         query = query.reshape(batch, kv_heads, self.groups * n_rows, dim)
-        logits = torch.matmul(query, self.keys.float().transpose(-1, -2)) * self.scaling
-        logits = logits.view(batch, kv_heads, self.groups, n_rows, kv)
-        logits = logits.masked_fill(~self.visible(rows)[:, :, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1).nan_to_num_(0.0)
-        return probs.mean(dim=2)
+        logits = torch.matmul(query, keys.transpose(-1, -2)).view(batch, kv_heads, self.groups, n_rows, keys.shape[2])
+        start = self.all_visible_before(rows, keys.shape[2])
+        hidden = ~self.visible(rows, keys.shape[2])[..., start:]
+        logits[..., start:].masked_fill_(hidden[:, :, None], float("-inf"))
+        return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+
+    def all_visible_before(self, rows: slice, reach: int) -> int:
+        """A key index before which every key is visible to every row (masking starts there)."""
+        first = int(self.query_positions[rows].min())
+        lead = min(reach, first + 1)
+        if lead and bool(self.key_valid[..., :lead].all()) and int(self.key_positions[..., :lead].max()) <= first:
+            return lead
+        return 0
 
     def column_sum(self, row_weights: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
         """Attention each key received, summed over (weighted) valid query rows: ``[batch, kv_heads, kv]``."""
@@ -69,12 +90,16 @@ class AttentionView:
 
     def _column_sum(self, row_weights: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
         total = torch.zeros(self.keys.shape[:3], dtype=torch.float32, device=self.keys.device)
+        floor = 0.0 if row_weights is None else float(row_weights[start:stop].max()) * NEGLIGIBLE_WEIGHT
         for begin in range(start, stop, ROW_CHUNK):
             chunk = slice(begin, min(begin + ROW_CHUNK, stop))
             weights = self.query_valid[:, chunk].float()  # [batch, rows]
             if row_weights is not None:
+                if float(row_weights[chunk].max()) < floor:
+                    continue  # e.g. A2SF's oldest rows: weight 0.99**2000 ~ 2e-9
                 weights = weights * row_weights[chunk].to(weights)
-            total += torch.einsum("bhrk,br->bhk", self.probs(chunk), weights)
+            reach = self.reach(chunk)
+            total[..., :reach] += torch.einsum("bhrk,br->bhk", self.probs(chunk, reach), weights)
         return total
 
     def last_rows(self, count: int) -> slice:

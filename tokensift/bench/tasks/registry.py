@@ -6,7 +6,7 @@ import random
 
 from tokensift.bench.tasks.base import MAX_ATTEMPTS, instance_rng
 from tokensift.bench.tasks.instance import TaskInstance, check_protocol
-from tokensift.bench.tasks.scoring import answer_recall
+from tokensift.bench.tasks.scoring import answer_recall, answer_settled
 from tokensift.errors import TokensiftError
 
 TASKS: dict[str, "Task"] = {}
@@ -42,6 +42,10 @@ class Task:
     def score(self, instance: TaskInstance, generated: str) -> float:
         """Fraction of the gold answers present in the generated text, in [0, 1]."""
         return answer_recall(instance.answers, generated)
+
+    def settled(self, instance: TaskInstance, generated: str) -> bool:
+        """Whether more generated text can no longer change :meth:`score` (decoding may stop)."""
+        return answer_settled(instance.answers, generated)
 
 
 def _needles_ok(tokenizer, instance: TaskInstance, needles: list[str]) -> bool:

@@ -29,3 +29,18 @@ def answer_recall(answers: list[str], generated: str) -> float:
         return 1.0
     text = answer_part(generated)
     return sum(contains_answer(answer, text) for answer in answers) / len(answers)
+
+
+def answer_settled(answers: list[str], generated: str) -> bool:
+    """Whether more text can no longer change :func:`answer_recall`.
+
+    True once the model starts a new question (the rest is ignored), or once every answer is
+    found *and closed* by a following separator (more digits could not extend it). The
+    benchmark stops decoding there: the score is the same as after all ``max_new_tokens``.
+    """
+    if not answers:
+        return False
+    if NEW_QUESTION.search(generated):
+        return True
+    closed = r"(?<![0-9A-Za-z]){}(?=[^0-9A-Za-z])"
+    return all(re.search(closed.format(re.escape(a)), generated, flags=re.IGNORECASE) for a in answers)
