@@ -243,3 +243,46 @@ def test_online_cost_calibration_stops_unpaid_drafting():
     for q in (2, 3, 4, 5):
         cost.observe(q, 0.25)
     assert choose_size(probs, cost, 63)[0] == 0
+
+
+class ConfidentlyWrong:
+    """A drafter whose history claims 95% acceptance but whose drafts are a fixed chain."""
+
+    name = "wrong"
+
+    def begin(self, context):
+        pass
+
+    def propose(self, context, tree, stats):
+        keys = [(self.name, depth) for depth in range(1, 5)]
+        tree.add_path([7, 7, 7, 7], [stats.rate(k) for k in keys], keys)
+
+    def observe(self, token, logits):
+        pass
+
+    def extend(self, context, added):
+        pass
+
+    def end(self, context):
+        pass
+
+
+@pytest.mark.parametrize("calibrated", [True, False])
+def test_prompt_calibration_stops_drafts_the_history_oversells(monkeypatch, calibrated):
+    """Drafts that keep failing on this prompt stop after a few trees, whatever the history says."""
+    from tokensift.speculative.adaptive import PromptCalibration
+
+    if not calibrated:
+        monkeypatch.setattr(PromptCalibration, "factor", lambda self: 1.0)
+    model, tokenizer = tiny_llama(), TinyTokenizer()
+    ids = random_ids(20, seed=1)[0].tolist()
+    plain = generate(model, tokenizer, ids, max_new_tokens=48).token_ids[0]
+    assert plain.count(7) <= 2  # the chain is indeed wrong for this prompt
+    stats = AcceptanceStats(prior=0.95, prior_weight=1e6)
+    speculator = Speculator(model, [ConfidentlyWrong()], cost=CostModel.synthetic(0.1), stats=stats)
+    result = speculator.generate(tokenizer, ids, max_new_tokens=48)
+    assert result.token_ids == plain
+    if calibrated:
+        assert result.mean_tree_nodes < 0.5  # a few failed trees, then one-node probes only
+    else:
+        assert result.mean_tree_nodes > 3.5

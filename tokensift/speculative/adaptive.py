@@ -8,6 +8,7 @@ ancestors' rates; the expected number of accepted draft tokens of a tree is the 
 nodes' path probabilities. ``choose_size`` picks the number of nodes ``n`` (among the sizes
 the cost curve was measured at) maximising ``(1 + E[accepted]) / cost(1 + n)``; ``n = 0``
 (plain decoding, ratio 1) wins whenever nothing is likely enough to pay for its cost.
+``PromptCalibration`` corrects the estimates with what this prompt has really accepted.
 """
 
 from __future__ import annotations
@@ -55,3 +56,37 @@ def choose_size(probs: list[float], cost, max_nodes: int, lazy_head: bool = True
         if gain > best_gain:
             best_n, best_gain = n, gain
     return best_n, (best_gain if best_n else 1.0)
+
+
+class PromptCalibration:
+    """Realized / predicted accepted draft tokens on the current prompt (a forgetting ratio).
+
+    The acceptance history is shared across prompts, so on a prompt unlike the earlier ones
+    (a summary after code) it can promise far more than drafts deliver. Path probabilities are
+    multiplied by this ratio, so after a few failed trees the expected gain falls below the
+    cost and the loop decodes plainly; a one-node probe every ``probe_every`` plain steps keeps
+    the ratio current (its cost is at most one 2-token forward in ``probe_every`` steps).
+    """
+
+    def __init__(self, decay: float = 0.8, prior_weight: float = 1.0, ceiling: float = 2.0, probe_every: int = 16):
+        self.decay, self.ceiling, self.probe_every = decay, ceiling, probe_every
+        self.predicted = self.realized = prior_weight  # prior: the estimates are right
+        self.plain_steps = 0
+
+    def factor(self) -> float:
+        return min(self.realized / self.predicted, self.ceiling)
+
+    def scaled(self, probs: list[float]) -> list[float]:
+        factor = self.factor()
+        return [min(p * factor, 1.0) for p in probs]
+
+    def record(self, predicted: float, realized: int) -> None:
+        """A verified tree whose estimates summed to ``predicted`` yielded ``realized`` drafts."""
+        self.predicted = self.decay * self.predicted + predicted
+        self.realized = self.decay * self.realized + realized
+        self.plain_steps = 0
+
+    def probe_due(self) -> bool:
+        """Count a plain step; True when it is time to verify one node to re-measure."""
+        self.plain_steps += 1
+        return self.plain_steps >= self.probe_every

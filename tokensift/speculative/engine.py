@@ -20,7 +20,7 @@ import torch
 from tokensift.cache import SelectingCache, SelectingLayer, make_cache
 from tokensift.errors import TokensiftError
 from tokensift.generate import choose_next, encode, model_context_length, resolve_policy
-from tokensift.speculative.adaptive import AcceptanceStats, choose_size
+from tokensift.speculative.adaptive import AcceptanceStats, PromptCalibration, choose_size
 from tokensift.speculative.base import Drafter
 from tokensift.speculative.cost import CostModel, cost_for
 from tokensift.speculative.tree import CandidateTree, DraftTree
@@ -93,6 +93,8 @@ class Speculator:
             raise TokensiftError("the number of tree nodes must be >= 0")
         self.cost = cost
         self.stats = stats or AcceptanceStats()
+        self.calibration = PromptCalibration()
+        self.predicted = 0.0  # estimated accepted drafts of the tree being verified
         self.head = model.get_output_embeddings()
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.logit_scale = getattr(config, "logit_scale", None)
@@ -118,15 +120,18 @@ class Speculator:
         for drafter in self.drafters:
             drafter.propose(context, tree, self.stats)
         order = tree.ranked()
+        probs = [tree.nodes[i].prob for i in order]
         self._steps = getattr(self, "_steps", 0) + 1
         if self.fixed_nodes is not None:
             chosen = order[: self.fixed_nodes]
         elif self.cost is not None and self.cost.online and (1 not in self.cost.observed or self._steps % 32 == 0):
             chosen = []  # a plain step now and then: the online cost calibration needs its reference time
         else:
-            probs = [tree.nodes[i].prob for i in order]
-            n, _ = choose_size(probs, self.cost, self.max_nodes, self.lazy_head)
+            n, _ = choose_size(self.calibration.scaled(probs), self.cost, self.max_nodes, self.lazy_head)
+            if n == 0 and order and self.calibration.probe_due():
+                n = 1  # re-measure this prompt's acceptance with the cheapest possible tree
             chosen = order[:n]
+        self.predicted = sum(probs[: len(chosen)])
         return tree.subtree(chosen)
 
     # -------------------------------------------------------------- verification
@@ -192,6 +197,7 @@ class Speculator:
             self.model.model(input_ids=torch.tensor([chunk]), position_ids=torch.arange(begin, begin + len(chunk))[None],
                              past_key_values=cache, use_cache=True)
         context = list(ids)
+        self.calibration = PromptCalibration()
         for drafter in self.drafters:
             drafter.begin(context)
         prefill_seconds = time.perf_counter() - start
@@ -209,6 +215,8 @@ class Speculator:
             t2 = time.perf_counter()
             steps += 1
             nodes += len(tree) - 1
+            if len(tree) > 1:
+                self.calibration.record(self.predicted, len(path) - 1)
             for index in path[1:]:
                 for key in tree.sources[index]:
                     accepted_by[key[0]] = accepted_by.get(key[0], 0) + 1
