@@ -83,3 +83,24 @@ def test_end_to_end_on_two_instances(tmp_path):
     assert full["status"] == "ok" and full["score"] == 1.0
     snap = next(r for r in rows if r["press"] == "snapkv" and r["task"] == "niah")
     assert snap["kv_tokens_kept"] == pytest.approx(len(instances[0].context_ids) * 0.5, abs=1)
+
+
+@pytest.mark.skipif(
+    not __import__("os").environ.get("TOKENSIFT_KVPRESS_E2E"),
+    reason="end to end kvpress run (builds a venv, minutes): set TOKENSIFT_KVPRESS_E2E=1",
+)
+def test_one_shared_prefill_equals_a_prefill_per_press(tmp_path):
+    """Every press compressing its own copy at each layer of one prefill gives the answers and
+    cache sizes of kvpress's own hook in a prefill of its own."""
+    from tokensift.bench.tasks import write_jsonl
+
+    instances = build_instances("niah", default_tokenizer(), 1024, n=1, seed=1)
+    path = write_jsonl(instances, tmp_path / "tasks.jsonl")
+    presses = ["snapkv", "expected_attention", "adakv_snapkv", "observed_attention", "pyramidkv", "knorm"]
+    shared = kc.run(path, presses, [0.25], tmp_path / "shared.jsonl")
+    separate = kc.run(path, presses, [0.25], tmp_path / "separate.jsonl", separate=True)
+    assert [r["status"] for r in shared] == ["ok"] * len(presses)
+    for a, b in zip(shared, separate):
+        assert (a["press"], a["generated_ids"], a["kv_tokens_effective"]) == (b["press"], b["generated_ids"], b["kv_tokens_effective"])
+    assert {r["prefill_shared_by"] for r in shared} == {1, len(presses) - 1}
+    assert len({tuple(r["generated_ids"]) for r in shared}) > 1  # the presses really differ

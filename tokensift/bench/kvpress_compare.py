@@ -156,8 +156,9 @@ def make_runs(presses: list[str], keep_ratios: list[float]) -> list[dict]:
     ]
 
 
-def write_job(instances_path: Path, runs: list[dict], rows_path: Path, job_path: Path, threads: int) -> Path:
-    """The json the worker reads."""
+def write_job(instances_path: Path, runs: list[dict], rows_path: Path, job_path: Path, threads: int,
+              separate: bool = False, done: list[str] | None = None) -> Path:
+    """The json the worker reads (``done``: ``key|press|keep_ratio`` pairs it skips)."""
     tokenizer_dir = _saved_tokenizer_dir()
     job = {
         "instances": str(instances_path),
@@ -166,6 +167,8 @@ def write_job(instances_path: Path, runs: list[dict], rows_path: Path, job_path:
         "tokenizer": str(tokenizer_dir) if tokenizer_dir else None,
         "threads": threads,
         "runs": runs,
+        "separate": separate,
+        "done": done or [],
     }
     job_path.write_text(json.dumps(job, indent=1))
     return job_path
@@ -200,26 +203,44 @@ def run(
     venv: str | Path | None = None,
     threads: int = 2,
     timeout_s: float | None = None,
+    separate: bool = False,
 ) -> list[dict]:
     """Run kvpress ``presses`` at each kept fraction in ``ratios`` on the instances; score rows.
 
     ``ratios`` are tokensift keep ratios (fraction kept). Writes scored rows to ``out_jsonl`` and
     returns them. Presses that fail on this model or machine come back with ``status: error``.
+    The worker's raw rows go to ``out_jsonl`` + ``.raw`` as they come; a rerun skips them.
+    ``separate``: one prefill per press through kvpress's own hook instead of a shared prefill.
     """
     instances_path = Path(instances_path)
     instances = {i.key: i for i in read_jsonl(instances_path)}
     runs = make_runs(list(presses), list(ratios))
-    python = ensure_kvpress_venv(venv)
-    with tempfile.TemporaryDirectory(prefix="tokensift-kvpress-") as tmp:
-        rows_path = Path(tmp) / "rows.jsonl"
-        job = write_job(instances_path.resolve(), runs, rows_path, Path(tmp) / "job.json", threads)
-        _run_worker(python, job, timeout_s)
-        raw_rows = [json.loads(line) for line in rows_path.read_text().splitlines() if line.strip()]
-    rows = [score_row(row, instances[row["key"]]) for row in raw_rows]
+    raw_path = Path(str(out_jsonl) + ".raw")
+    raw_path.parent.mkdir(parents=True, exist_ok=True)
+    wanted = {pair_key(key, run_) for key in instances for run_ in runs}
+    done = [pair_key(row["key"], row) for row in read_rows(raw_path) if row.get("status") == "ok"]
+    if wanted - set(done):
+        python = ensure_kvpress_venv(venv)
+        with tempfile.TemporaryDirectory(prefix="tokensift-kvpress-") as tmp:
+            job = write_job(instances_path.resolve(), runs, raw_path.resolve(), Path(tmp) / "job.json", threads, separate, done)
+            _run_worker(python, job, timeout_s)
+    latest = {pair_key(row["key"], row): row for row in read_rows(raw_path)}
+    rows = [score_row(latest[pair], instances[pair.split("|")[0]]) for pair in sorted(wanted) if pair in latest]
     out_path = Path(out_jsonl)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return rows
+
+
+def pair_key(instance_key: str, run: dict) -> str:
+    """``instance|press|keep ratio``: one worker row."""
+    return f"{instance_key}|{run['press']}|{round(run['keep_ratio'], 9)}"
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _run_worker(python: Path, job: Path, timeout_s: float | None) -> None:

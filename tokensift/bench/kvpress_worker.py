@@ -14,6 +14,12 @@ active, so the cache is compressed; then the suffix ids are fed at their true po
 ``max_new_tokens == 0`` (perplexity streams) get the negative log-likelihood of their suffix
 instead. A press that fails is recorded with its error; the run goes on.
 
+One prefill serves every press of an instance: a press compresses a layer's cache in a hook
+*after* that layer's attention, so the layers above it see the uncompressed output whatever
+the press does. At each layer every press compresses its own copy of that layer's keys and
+values, with the same arguments its own hook would get (``--separate`` in the job, or
+``"separate": true``, runs one prefill per press instead, to check this).
+
 Usage: python kvpress_worker.py JOB.json
 """
 
@@ -23,6 +29,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -78,6 +85,85 @@ def prefill(model, press, context_ids: list[int]):
     return cache
 
 
+@dataclass
+class Compressed:
+    """One press's result of a shared prefill: its cache, AdaKV's masked keys per layer, its
+    compression seconds, and the error that stopped it (if any)."""
+
+    cache: object
+    masks: dict = field(default_factory=dict)
+    compress_s: float = 0.0
+    error: str | None = None
+    trace: list = field(default_factory=list)
+
+
+def compress_in_one_prefill(model, presses: list, context_ids: list[int]) -> tuple[list[Compressed], float]:
+    """Prefill once; at every attention layer each press (None = keep all) compresses its own
+    copy of the layer's keys and values. Returns one :class:`Compressed` per press and the
+    prefill seconds."""
+    from transformers import DynamicCache
+
+    from kvpress.utils import extract_keys_and_values
+
+    results = [Compressed(DynamicCache()) for _ in presses]
+    for press in presses:
+        if press is not None:
+            press.post_init_from_model(model)
+
+    def hook(module, inputs, kwargs, output):
+        keys, values = extract_keys_and_values(kwargs["past_key_values"], module.layer_idx)
+        for press, result in zip(presses, results):
+            if result.error is None:
+                compress_layer(module, press, result, kwargs, keys, values, output)
+        return output
+
+    language_model = model.model
+    hooks = []
+    for layer in language_model.layers:
+        layer.self_attn.rotary_emb = language_model.rotary_emb  # what a press's context manager sets
+        hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
+    try:
+        start = time.perf_counter()
+        model.model(input_ids=torch.tensor([context_ids]), past_key_values=DynamicCache())
+        seconds = time.perf_counter() - start
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return results, seconds
+
+
+def compress_layer(module, press, result: Compressed, kwargs: dict, keys, values, output) -> None:
+    """One press on one layer, into its own cache; a failure is kept, not raised."""
+    start = time.perf_counter()
+    try:
+        if press is not None:
+            keys, values = press.compress(module, kwargs["hidden_states"], keys, values, output[1], kwargs)
+        result.cache.update(keys, values, module.layer_idx)
+        result.masks[module.layer_idx] = getattr(module, "masked_key_indices", None)
+    except Exception as error:  # one press failing must not end the others
+        result.error = one_line(error)
+        result.trace = traceback.format_exc().strip().splitlines()[-3:]
+    module.masked_key_indices = None
+    result.compress_s += time.perf_counter() - start
+
+
+def prefill_with_own_hook(model, press, context_ids: list[int]) -> tuple[list[Compressed], float]:
+    """kvpress's own way, one prefill for one press (to check the shared prefill against)."""
+    start = time.perf_counter()
+    try:
+        cache = prefill(model, press, context_ids)
+    except Exception as error:
+        return [Compressed(None, error=one_line(error), trace=traceback.format_exc().strip().splitlines()[-3:])], 0.0
+    masks = {i: getattr(layer.self_attn, "masked_key_indices", None) for i, layer in enumerate(model.model.layers)}
+    return [Compressed(cache, masks)], time.perf_counter() - start
+
+
+def use_masks(model, masks: dict) -> None:
+    """Give each attention module the AdaKV masked keys of the press about to decode."""
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.masked_key_indices = masks.get(index)
+
+
 def kept_tokens(model, cache) -> tuple[float, float]:
     """Mean cached tokens per layer: stored, and effective (minus AdaKV's masked keys)."""
     stored, effective = [], []
@@ -125,9 +211,8 @@ def stop_token_ids(model) -> set[int]:
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
-def run_one(model, tokenizer, instance: dict, run: dict, factories: dict) -> dict:
-    """One (instance, press, ratio) row; errors become a row with ``status: error``."""
-    row = {
+def base_row(instance: dict, run: dict) -> dict:
+    return {
         "key": instance_key(instance),
         "task": instance["task"],
         "press": run["press"],
@@ -135,14 +220,10 @@ def run_one(model, tokenizer, instance: dict, run: dict, factories: dict) -> dic
         "compression_ratio": run["compression_ratio"],
         "context_tokens": len(instance["context_ids"]),
     }
-    try:
-        row.update(measure(model, tokenizer, instance, run, factories))
-        row["status"] = "ok"
-    except Exception as error:  # one press failing must not end the run
-        row["status"] = "error"
-        row["error"] = one_line(error)
-        row["traceback_tail"] = traceback.format_exc().strip().splitlines()[-3:]
-    return row
+
+
+def error_row(row: dict, error: str, trace: list) -> dict:
+    return {**row, "status": "error", "error": error, "traceback_tail": trace}
 
 
 def one_line(error: Exception) -> str:
@@ -151,24 +232,57 @@ def one_line(error: Exception) -> str:
     return f"{type(error).__name__}: {lines[0] if lines else ''}"
 
 
-def measure(model, tokenizer, instance: dict, run: dict, factories: dict) -> dict:
-    """Prefill with the press, then decode (or score the suffix); timings and kept tokens."""
+def build_press(run: dict, factories: dict):
     if run["press"] not in factories:
         raise KeyError(f"unknown press {run['press']!r}")
-    press = factories[run["press"]](run["compression_ratio"])
-    set_attention(model, "eager" if run["press"] in NEEDS_EAGER else "sdpa")
-    context, suffix = instance["context_ids"], instance["suffix_ids"]
-    with torch.no_grad():
-        start = time.perf_counter()
-        cache = prefill(model, press, context)
-        prefill_s = time.perf_counter() - start
-        stored, effective = kept_tokens(model, cache)
+    return factories[run["press"]](run["compression_ratio"])
+
+
+def run_instance(model, tokenizer, instance: dict, runs: list[dict], factories: dict, separate: bool) -> list[dict]:
+    """Every run on one instance: shared prefills (one per attention implementation), then a
+    decode per press. ``separate``: one prefill per press, each with its own hook."""
+    rows = {}
+    groups: dict = {}
+    for index, run in enumerate(runs):
+        try:
+            press = build_press(run, factories)
+        except Exception as error:
+            rows[index] = error_row(base_row(instance, run), one_line(error), traceback.format_exc().strip().splitlines()[-3:])
+            continue
+        mode = "eager" if run["press"] in NEEDS_EAGER else "sdpa"
+        groups.setdefault((mode, index) if separate else mode, []).append((index, press))
+    for key, members in groups.items():
+        set_attention(model, key[0] if separate else key)
+        with torch.no_grad():
+            if separate:
+                compressed, prefill_s = prefill_with_own_hook(model, members[0][1], instance["context_ids"])
+            else:
+                compressed, prefill_s = compress_in_one_prefill(model, [press for _, press in members], instance["context_ids"])
         set_attention(model, "sdpa")
+        for (index, _), result in zip(members, compressed):
+            rows[index] = finish_run(model, tokenizer, instance, runs[index], result, prefill_s, len(members))
+    return [rows[index] for index in range(len(runs))]
+
+
+def finish_run(model, tokenizer, instance, run, result: Compressed, prefill_s: float, shared_by: int) -> dict:
+    """Decode (or score) one press's compressed cache into its row."""
+    row = base_row(instance, run)
+    if result.error is not None:
+        return error_row(row, result.error, result.trace)
+    try:
+        use_masks(model, result.masks)
+        stored, effective = kept_tokens(model, result.cache)
         start = time.perf_counter()
-        result = decode_or_score(model, tokenizer, cache, instance)
-        result["decode_s"] = round(time.perf_counter() - start, 3)
-    result.update(prefill_s=round(prefill_s, 3), kv_tokens_kept=stored, kv_tokens_effective=effective)
-    return result
+        with torch.no_grad():
+            row.update(decode_or_score(model, tokenizer, result.cache, instance))
+        row["decode_s"] = round(time.perf_counter() - start, 3)
+    except Exception as error:
+        return error_row(row, one_line(error), traceback.format_exc().strip().splitlines()[-3:])
+    finally:
+        use_masks(model, {})
+    row.update(prefill_s=round(prefill_s, 3), prefill_shared_by=shared_by, compress_s=round(result.compress_s, 3),
+               kv_tokens_kept=stored, kv_tokens_effective=effective, status="ok")
+    return row
 
 
 def decode_or_score(model, tokenizer, cache, instance: dict) -> dict:
@@ -193,6 +307,11 @@ def instance_key(instance: dict) -> str:
     return "/".join(str(instance[k]) for k in ("task", "protocol", "length", "seed", "index"))
 
 
+def pair_key(instance: dict, run: dict) -> str:
+    """``instance|press|keep ratio``, as the parent names rows it already has."""
+    return f"{instance_key(instance)}|{run['press']}|{round(run['keep_ratio'], 9)}"
+
+
 def versions() -> dict:
     """Versions of the libraries that produced the rows."""
     import importlib.metadata as md
@@ -211,9 +330,11 @@ def main(job_path: str) -> int:
     stamp = {**versions(), "load_s": round(time.perf_counter() - started, 1)}
     print(json.dumps({"event": "loaded", **stamp}), flush=True)
     with open(job["out"], "a") as out:
+        done = set(job.get("done", []))
         for instance in instances:
-            for run in job["runs"]:
-                row = {**run_one(model, tokenizer, instance, run, factories), "versions": stamp}
+            runs = [run for run in job["runs"] if pair_key(instance, run) not in done]
+            for row in run_instance(model, tokenizer, instance, runs, factories, bool(job.get("separate"))):
+                row["versions"] = stamp
                 out.write(json.dumps(row) + "\n")
                 out.flush()
                 print(json.dumps({k: row.get(k) for k in ("key", "press", "keep_ratio", "status", "error")}),
