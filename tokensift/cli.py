@@ -241,12 +241,14 @@ def compare_kvpress_command(
     seed: int = typer.Option(0, "--seed"),
     budgets: str = typer.Option("128,256,512", "--budgets", help="tokensift budgets; run as keep ratio budget/context."),
     presses: Optional[str] = typer.Option(None, "--presses", help="Comma-separated kvpress presses (default: all supported)."),
+    threads: int = typer.Option(2, "--threads", help="Torch threads of the kvpress worker."),
 ) -> None:
     """NVIDIA kvpress (own virtualenv) on the same instances; rows merged with library=kvpress."""
     from tokensift.bench.compare import compare_kvpress
     from tokensift.bench.kvpress_compare import PRESSES
 
-    compare_kvpress(out, split_list(tasks), length, samples, seed, split_list(budgets, int), split_list(presses) or list(PRESSES))
+    compare_kvpress(out, split_list(tasks), length, samples, seed, split_list(budgets, int),
+                    split_list(presses) or list(PRESSES), threads=threads)
 
 
 def register_optional_commands() -> None:

@@ -23,7 +23,7 @@ def kvpress_cell(task: str, length: int, press: str, budget: int) -> str:
 
 
 def compare_kvpress(out: Path, tasks: list[str], length: int, samples: int, seed: int, budgets: list[int],
-                    presses: list[str]) -> None:
+                    presses: list[str], threads: int = 2) -> None:
     """Run the presses at the budgets' keep ratios and merge the rows into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     results = Results(out / "results.jsonl")
@@ -38,12 +38,13 @@ def compare_kvpress(out: Path, tasks: list[str], length: int, samples: int, seed
     instances_path = out / f"kvpress_instances_{length}.jsonl"
     write_jsonl(instances, instances_path)
     todo_presses = sorted({p for p, _ in todo})
-    rows = kvpress_compare.run(instances_path, todo_presses, [keep_of[b] for b in budgets], out / f"kvpress_rows_{length}.jsonl")
+    rows = kvpress_compare.run(instances_path, todo_presses, [keep_of[b] for b in budgets], out / f"kvpress_rows_{length}.jsonl",
+                                threads=threads)
     budget_of = {round(keep, 9): budget for budget, keep in keep_of.items()}
     for (task, press, budget), group in group_rows(rows, budget_of).items():
         cell = kvpress_cell(task, length, press, budget)
         if cell not in results.done and (press, budget) in todo:
-            results.write(kvpress_result_row(cell, task, length, press, budget, keep_of[budget], seed, group))
+            results.write(kvpress_result_row(cell, task, length, press, budget, keep_of[budget], seed, group, threads))
     write_report(out)
 
 
@@ -55,7 +56,7 @@ def group_rows(rows: list[dict], budget_of: dict) -> dict:
     return groups
 
 
-def kvpress_result_row(cell, task, length, press, budget, keep, seed, group) -> dict:
+def kvpress_result_row(cell, task, length, press, budget, keep, seed, group, threads: int = 2) -> dict:
     scores = [r["score"] for r in group if r.get("score") is not None]
     errors = sorted({r.get("error", "") for r in group if r.get("status") == "error"})
     kept = [r["kv_tokens_effective"] for r in group if r.get("kv_tokens_effective") is not None]
@@ -68,5 +69,5 @@ def kvpress_result_row(cell, task, length, press, budget, keep, seed, group) -> 
         "errors": errors, "versions": {"kvpress": kvpress_compare.KVPRESS_VERSION,
                                        "transformers": kvpress_compare.KVPRESS_TRANSFORMERS},
         "seed": seed, "suite": "compare",
-        "machine": json.loads(json.dumps({"threads": 2})),
+        "machine": {"threads": threads},
     }

@@ -357,6 +357,11 @@ class Job:
     protocol: str = QUERY_AGNOSTIC
     full_only: bool = False
 
+    @property
+    def label(self) -> str:
+        protocol = f" {self.protocol}" if self.task in RETRIEVAL_TASKS else ""
+        return f"{self.task}{protocol} {self.length}{' (full cache only)' if self.full_only else ''}"
+
 
 def plan_jobs(config: BenchConfig) -> list[Job]:
     """Every job of the run except ``cost`` (which runs last, alone), the heaviest first."""
@@ -403,14 +408,16 @@ def worker_main(fields: dict, out: str, todo, reports, threads: int) -> None:
         model, tokenizer = load_model(config.model)
         results, settings = Results(Path(out) / "results.jsonl"), settings_for(config)
         for job in iter(todo.get, None):
+            started = time.perf_counter()
             run_job(job, model, tokenizer, config, results, settings, lambda n: reports.put(("units", n)))
+            reports.put(("job", f"{job.label} done in {time.perf_counter() - started:.0f} s"))
     except Exception as error:  # noqa: BLE001  (reported to the parent, which stops the run)
         reports.put(("error", f"{type(error).__name__}: {error}"))
         return
     reports.put(("done", None))
 
 
-def run_in_workers(config: BenchConfig, out: Path, jobs: list[Job], workers: int, advance) -> None:
+def run_in_workers(config: BenchConfig, out: Path, jobs: list[Job], workers: int, advance, note) -> None:
     """Run ``jobs`` in ``workers`` processes sharing the cores; each appends its own rows."""
     context = multiprocessing.get_context("spawn")
     todo, reports = context.Queue(), context.Queue()
@@ -434,6 +441,8 @@ def run_in_workers(config: BenchConfig, out: Path, jobs: list[Job], workers: int
             finished += kind == "done"
             if kind == "units":
                 advance(value)
+            elif kind == "job":
+                note(value)
     finally:
         for process in processes:
             if process.is_alive():
@@ -466,20 +475,28 @@ def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, worker
         total = sum(job_units(job, config, settings) for job in jobs) + cost_units(config, settings)
         handle = bar.add_task("bench", total=total)
         advance = lambda n: bar.advance(handle, n)  # noqa: E731
+        started = time.perf_counter()
+
+        def note(text: str) -> None:  # a line per finished job where the bar cannot be drawn (logs)
+            if not console.is_terminal:
+                console.print(f"[{time.perf_counter() - started:7.0f} s] {text}", highlight=False)
+
         if workers > 1 and jobs:
             bar.update(handle, description=f"{len(jobs)} jobs in {workers} workers")
-            run_in_workers(config, out, jobs, workers, advance)
+            run_in_workers(config, out, jobs, workers, advance, note)
             results = Results(out / "results.jsonl")
             jobs = []
         if model is None and (jobs or cost_units(config, settings)):
             model, tokenizer = load_model(config.model)
         for job in jobs:
-            bar.update(handle, description=f"{job.task} {job.protocol if job.task in RETRIEVAL_TASKS else ''} {job.length}")
+            bar.update(handle, description=job.label)
             run_job(job, model, tokenizer, config, results, settings, advance)
+            note(f"{job.label} done")
         if "cost" in config.tasks:
             for length in config.cost_lengths:
                 bar.update(handle, description=f"cost {length}")
                 run_cost(model, tokenizer, config, results, length, settings, advance)
+                note(f"cost {length} done")
     write_report(out)
     console.print(f"results: {out / 'results.jsonl'}  report: {out / 'report.md'}")
 
