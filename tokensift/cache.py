@@ -125,10 +125,11 @@ class SelectingLayer(CacheLayerMixin):
         start = self.seen - new
         if past < 0 or int(self.positions[..., past:].min()) < start:
             raise RuntimeError("cannot roll back: some of the newest tokens were already evicted")
-        batch, heads = self.keys.shape[:2]
-        keep = torch.cat([torch.arange(past, device=self.device), past + idx])
-        self._gather_tokens(keep.expand(batch, heads, -1))
         step = torch.arange(count, device=self.device)
+        if count < new or not bool((idx == step).all()):  # a plain step keeps its one token: no copy
+            batch, heads = self.keys.shape[:2]
+            keep = torch.cat([torch.arange(past, device=self.device), past + idx])
+            self._gather_tokens(keep.expand(batch, heads, -1))
         self.valid_seen = self.valid_seen - (new - count)
         self.positions[..., past:] = start + step
         self.ranks[..., past:] = (self.valid_seen - count)[:, None, None] + step
