@@ -1,9 +1,8 @@
-"""Merge benchmark shards (separate processes, separate folders) into one results folder.
+"""Merge benchmark folders (e.g. the bench run and the kvpress side by side) into one results folder.
 
-Usage: python benchmarks/merge_shards.py SHARD_DIR [SHARD_DIR ...]   (see results/standard/RUN.md)
+Usage: python benchmarks/merge_shards.py DIR [DIR ...]   (see results/standard/RUN.md)
 
-The first row of a cell wins. Wrapped defaults identical to their plain policy (their default
-inner is snapkv) are dropped: only the first shard ran them, before the default list was fixed.
+The first row of a cell wins. Writes benchmarks/results/standard/results.jsonl, report.md and plots.
 """
 
 import json
@@ -13,7 +12,6 @@ from pathlib import Path
 from tokensift.bench.report import load_rows, write_report
 
 OUT = Path("benchmarks/results/standard")
-DUPLICATES = {"adakv(snapkv)", "graphkv(snapkv)", "pyramidkv(snapkv)"}
 
 
 def shard_rows(shard: Path) -> list[dict]:
@@ -28,7 +26,7 @@ def main(shards: list[str]) -> None:
     seen, rows = set(), []
     for shard in shards:
         for row in shard_rows(Path(shard)):
-            if row["policy"] not in DUPLICATES and row["cell"] not in seen:
+            if row["cell"] not in seen:
                 seen.add(row["cell"])
                 rows.append(row)
     OUT.mkdir(parents=True, exist_ok=True)
