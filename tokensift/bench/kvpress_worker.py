@@ -17,8 +17,8 @@ instead. A press that fails is recorded with its error; the run goes on.
 One prefill serves every press of an instance: a press compresses a layer's cache in a hook
 *after* that layer's attention, so the layers above it see the uncompressed output whatever
 the press does. At each layer every press compresses its own copy of that layer's keys and
-values, with the same arguments its own hook would get (``--separate`` in the job, or
-``"separate": true``, runs one prefill per press instead, to check this).
+values, with the same arguments its own hook would get (``"separate": true`` in the job runs
+one prefill per press through kvpress's own hook instead, to check this).
 
 Usage: python kvpress_worker.py JOB.json
 """
@@ -142,7 +142,7 @@ def compress_layer(module, press, result: Compressed, kwargs: dict, keys, values
         result.masks[module.layer_idx] = getattr(module, "masked_key_indices", None)
     except Exception as error:  # one press failing must not end the others
         result.error = one_line(error)
-        result.trace = traceback.format_exc().strip().splitlines()[-3:]
+        result.trace = trace_tail()
     module.masked_key_indices = None
     result.compress_s += time.perf_counter() - start
 
@@ -153,7 +153,7 @@ def prefill_with_own_hook(model, press, context_ids: list[int]) -> tuple[list[Co
     try:
         cache = prefill(model, press, context_ids)
     except Exception as error:
-        return [Compressed(None, error=one_line(error), trace=traceback.format_exc().strip().splitlines()[-3:])], 0.0
+        return [Compressed(None, error=one_line(error), trace=trace_tail())], 0.0
     masks = {i: getattr(layer.self_attn, "masked_key_indices", None) for i, layer in enumerate(model.model.layers)}
     return [Compressed(cache, masks)], time.perf_counter() - start
 
@@ -226,6 +226,11 @@ def error_row(row: dict, error: str, trace: list) -> dict:
     return {**row, "status": "error", "error": error, "traceback_tail": trace}
 
 
+def trace_tail() -> list[str]:
+    """The last lines of the traceback being handled."""
+    return traceback.format_exc().strip().splitlines()[-3:]
+
+
 def one_line(error: Exception) -> str:
     """``Type: first line of the message``."""
     lines = str(error).strip().splitlines()
@@ -247,7 +252,7 @@ def run_instance(model, tokenizer, instance: dict, runs: list[dict], factories: 
         try:
             press = build_press(run, factories)
         except Exception as error:
-            rows[index] = error_row(base_row(instance, run), one_line(error), traceback.format_exc().strip().splitlines()[-3:])
+            rows[index] = error_row(base_row(instance, run), one_line(error), trace_tail())
             continue
         mode = "eager" if run["press"] in NEEDS_EAGER else "sdpa"
         groups.setdefault((mode, index) if separate else mode, []).append((index, press))
@@ -277,7 +282,7 @@ def finish_run(model, tokenizer, instance, run, result: Compressed, prefill_s: f
             row.update(decode_or_score(model, tokenizer, result.cache, instance))
         row["decode_s"] = round(time.perf_counter() - start, 3)
     except Exception as error:
-        return error_row(row, one_line(error), traceback.format_exc().strip().splitlines()[-3:])
+        return error_row(row, one_line(error), trace_tail())
     finally:
         use_masks(model, {})
     row.update(prefill_s=round(prefill_s, 3), prefill_shared_by=shared_by, compress_s=round(result.compress_s, 3),
