@@ -57,10 +57,6 @@ class AttentionView:
         """Softmax attention of query ``rows`` over the first ``reach`` keys (all by default),
         ``[batch, kv_heads, rows, reach]``. Averaged over each KV head's query group; fp32.
         """
-        return self.group_probs(rows, reach).mean(dim=2)
-
-    def group_probs(self, rows: slice, reach: int | None = None) -> torch.Tensor:
-        """Like :meth:`probs` but per query head: ``[batch, kv_heads, groups, rows, reach]``."""
         batch, kv_heads, _, dim = self.keys.shape
         keys = self.keys[:, :, :reach].float()
         query = self.query[:, :, rows].float() * self.scaling
@@ -70,7 +66,7 @@ class AttentionView:
         start = self.all_visible_before(rows, keys.shape[2])
         hidden = ~self.visible(rows, keys.shape[2])[..., start:]
         logits[..., start:].masked_fill_(hidden[:, :, None], float("-inf"))
-        return torch.softmax(logits, dim=-1).nan_to_num_(0.0)
+        return torch.softmax(logits, dim=-1).nan_to_num_(0.0).mean(dim=2)
 
     def all_visible_before(self, rows: slice, reach: int) -> int:
         """A key index before which every key is visible to every row (masking starts there)."""

@@ -240,10 +240,11 @@ def run_retrieval(model, tokenizer, config, results, task, protocol, length, set
     scores = {s: [] for s in pending}
     kv = {s: [] for s in pending}
     started = time.perf_counter()
+    spec = get_task(task)
     for instance in instances:
         recording = record_prefill(model, torch.tensor([instance.context_ids]))
         policies = {s: s.build() for s in pending}
-        settled = lambda tokens: get_task(task).settled(instance, tokenizer.decode(tokens, skip_special_tokens=True))  # noqa: B023, E731
+        settled = lambda tokens: spec.settled(instance, tokenizer.decode(tokens, skip_special_tokens=True))  # noqa: B023, E731
         merged = [s for s in pending if is_mergeable(policies[s])]
         for group in merge_groups(merged):
             caches = [replay(model, policies[s], recording) for s in group]
