@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tokensift.bench.report import load_rows
 from tokensift.bench.tasks import TaskInstance, default_tokenizer, get_task, read_jsonl
 from tokensift.bench.tasks.tokenizer import cache_root, embedded_gguf_path
 from tokensift.errors import TokensiftError
@@ -238,9 +239,8 @@ def pair_key(instance_key: str, run: dict) -> str:
 
 
 def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The worker's rows so far (none before its first run)."""
+    return load_rows(path) if path.exists() else []
 
 
 def _run_worker(python: Path, job: Path, timeout_s: float | None) -> None:
