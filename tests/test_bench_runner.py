@@ -43,11 +43,11 @@ def test_merged_batch_decodes_like_each_cache_alone():
     recording = record_prefill(model, random_ids(80, seed=6))
     policies = [build_policy("snapkv", budget=20, n_sink=2, window=4), build_policy("knorm", budget=40, n_sink=2, window=4), build_policy("full")]
     suffix = [5, 6, 7, 8]
-    merged = greedy_tokens(model, merge_caches([replay(model, p, recording) for p in policies], model), suffix, 3, 8)
+    merged = greedy_tokens(model, merge_caches([replay(model, p, recording) for p in policies], model), [suffix] * 3, 8)
     for policy, tokens in zip(policies, merged):
         alone = replay(model, policy, recording)
         alone.set_defer_eviction(True)  # the benchmark protocol: no eviction once the question arrives
-        assert greedy_tokens(model, alone, suffix, 1, 8)[0] == tokens
+        assert greedy_tokens(model, alone, [suffix], 8)[0] == tokens
 
 
 def test_metrics():
@@ -122,9 +122,9 @@ def test_greedy_stops_once_every_row_is_settled():
     model = tiny_llama()
     ids = random_ids(40, seed=2)
     cache = replay(model, build_policy("full"), record_prefill(model, ids))
-    whole = greedy_tokens(model, cache, [5, 6], 1, 8)[0]
+    whole = greedy_tokens(model, cache, [[5, 6]], 8)[0]
     cache = replay(model, build_policy("full"), record_prefill(model, ids))
-    short = greedy_tokens(model, cache, [5, 6], 1, 8, settled=lambda tokens: len(tokens) >= 3)[0]
+    short = greedy_tokens(model, cache, [[5, 6]], 8, settled=lambda row, tokens: len(tokens) >= 3)[0]
     assert len(whole) == 8 and short == whole[:3]
 
 
@@ -145,7 +145,8 @@ def test_full_only_tasks_run_the_full_cache_alone():
     config = BenchConfig.for_suite("standard", policies=["full", "snapkv"])
     jobs = plan_jobs(config)
     retrieval = [job for job in jobs if job.task not in ("ppl", "fidelity")]
-    assert [job.full_only for job in retrieval] == sorted(job.full_only for job in retrieval)  # heavy jobs first
+    kinds = ["language" if job.task in ("ppl", "fidelity") else "full only" if job.full_only else "matrix" for job in jobs]
+    assert kinds == sorted(kinds, key=["matrix", "language", "full only"].index)  # heavy jobs first
     for job in retrieval:
         chosen = [s.label for s in job_settings(job, config, settings_for(config))]
         assert chosen == (["full"] if job.full_only else ["full"] + [f"snapkv@{b}" for b in config.budgets])
@@ -170,3 +171,28 @@ def test_workers_give_the_same_rows_as_one_process(tmp_path, tiny_real_vocab):
 
     assert scores(tmp_path / "two") == scores(tmp_path / "one")
     assert len(scores(tmp_path / "one")) == 9
+
+
+@pytest.mark.parametrize("policy", ["full", "snapkv", "tokenselect", "hisa"])
+def test_prompts_batched_with_uneven_suffixes_decode_like_each_alone(policy):
+    """The runner prefills several prompts together and pads their questions to one length."""
+    model = tiny_llama()
+    contexts = [random_ids(70, seed=seed)[0].tolist() for seed in (11, 12, 13)]
+    suffixes = [[5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    build = lambda: build_policy(policy) if policy == "full" else build_policy(policy, budget=24, n_sink=2, window=4)  # noqa: E731
+    batched = replay(model, build(), record_prefill(model, torch.tensor(contexts)))
+    batched.set_defer_eviction(True)
+    together = greedy_tokens(model, batched, suffixes, 8)
+    for context, suffix, tokens in zip(contexts, suffixes, together):
+        alone = replay(model, build(), record_prefill(model, torch.tensor([context])))
+        alone.set_defer_eviction(True)
+        assert greedy_tokens(model, alone, [suffix], 8)[0] == tokens
+
+
+def test_merge_groups_bound_the_cached_tokens():
+    from tokensift.bench.runner import MERGE_TOKENS, Setting, merge_groups
+
+    settings = [Setting(f"p{i}", budget=1024) for i in range(10)] + [Setting("full")]
+    groups = merge_groups(settings, rows_per_setting=4, length=4000)
+    assert all(len(g) * 4 * 1024 <= MERGE_TOKENS for g in groups if g[0].budget)
+    assert [len(g) for g in groups if g[0].policy == "full"] == [1]

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from transformers import DynamicCache
 
 from conftest import random_ids, tiny_llama
 from tokensift.cache import make_cache
@@ -260,21 +261,43 @@ def test_reading_over_zipcache_storage():
     assert read_stats(cache)["sparse"] > 0 and cache.kv_bytes == alone.kv_bytes  # packed storage, subset read
 
 
-def test_append_buffer_writes_only_new_rows():
+@pytest.mark.parametrize("policy", ["full", "topk_attention"])
+def test_decode_appends_write_only_new_rows(policy):
+    """Decode steps write into spare room after the prefill's copy: no reallocation of the past."""
     model = tiny_llama()
-    cache = make_cache(model, sparse_policy("topk_attention", k=24))
+    cache = make_cache(model, build_policy("full") if policy == "full" else sparse_policy(policy, k=24))
+    plain = DynamicCache(config=model.config)
     with torch.inference_mode():
-        model(random_ids(60), past_key_values=cache, use_cache=True)
+        for target in (cache, plain):
+            model(random_ids(60), past_key_values=target, use_cache=True)
         layer = cache.selecting_layers[0]
+        assert layer.kv_bytes == layer.keys.nbytes * 2  # the prefill block is stored exactly
         model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
-        buffer = layer.__dict__["_kv_buffer"][0]
+        buffer = layer._buffers["keys"]
         for step in range(10):
             model(torch.tensor([[6 + step]]), past_key_values=cache, use_cache=True)
-        assert layer.__dict__["_kv_buffer"][0] is buffer  # no reallocation, no copy of the past
-        assert layer.keys.data_ptr() == buffer.data_ptr() and layer.kept == 71 == layer.positions.shape[-1]
-    full = make_cache(model, build_policy("full"))
-    with torch.inference_mode():
-        model(random_ids(60), past_key_values=full, use_cache=True)
+        assert layer._buffers["keys"] is buffer and layer.keys.data_ptr() == buffer.data_ptr()
+        assert layer.kept == 71 == layer.positions.shape[-1] and layer.kv_bytes == buffer.nbytes * 2
         for step in range(11):
-            model(torch.tensor([[5 if step == 0 else 5 + step]]), past_key_values=full, use_cache=True)
-    assert torch.equal(full.selecting_layers[0].keys, layer.keys)
+            model(torch.tensor([[5 + step]]), past_key_values=plain, use_cache=True)
+    assert torch.equal(plain.layers[0].keys, layer.keys)
+
+
+def test_rollback_keeps_the_append_buffer_and_evicting_layers_stay_exact():
+    model = tiny_llama()
+    cache = make_cache(model, build_policy("full"))
+    with torch.inference_mode():
+        model(random_ids(30), past_key_values=cache, use_cache=True)
+        model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
+        layer = cache.selecting_layers[0]
+        buffer = layer._buffers["keys"]
+        model(torch.tensor([[6, 7, 8]]), past_key_values=cache, use_cache=True)
+        cache.crop(31)
+        model(torch.tensor([[9]]), past_key_values=cache, use_cache=True)
+    assert layer._buffers["keys"] is buffer and layer.kept == 32
+    evicting = make_cache(model, build_policy("h2o", budget=20, n_sink=2, window=4))
+    with torch.inference_mode():
+        model(random_ids(30), past_key_values=evicting, use_cache=True)
+        model(torch.tensor([[5]]), past_key_values=evicting, use_cache=True)
+    layer = evicting.selecting_layers[0]
+    assert layer.kept == 20 and layer.kv_bytes == layer.keys.nbytes * 2 and not layer._buffers

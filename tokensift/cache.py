@@ -15,6 +15,9 @@ from tokensift.policies.base import Policy
 
 PER_SEQUENCE = ("keys", "values", "positions", "ranks", "valid", "sink", "valid_seen")
 
+SMALL_APPEND = 16  # appends of at most this many tokens (decode steps, draft trees) get spare room
+GROWTH_FRACTION = 16  # spare room: 1/16 of the layer (at least SMALL_APPEND slots)
+
 # The layer whose ``update`` ran last: the attention function picks it up right after.
 _LAST_UPDATED: list = [None]
 
@@ -55,6 +58,7 @@ class SelectingLayer(CacheLayerMixin):
         self.token_state: dict[str, torch.Tensor] = {}
         self.state: dict = {}
         self.shared: dict = {}
+        self._buffers: dict[str, torch.Tensor] = {}  # append buffers with spare room (see _append)
 
     # ------------------------------------------------------------ transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -75,15 +79,47 @@ class SelectingLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         batch, heads, new = key_states.shape[:3]
         positions = torch.arange(self.seen, self.seen + new, device=self.device)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, positions.expand(batch, heads, new)], dim=-1)
-        self.ranks = torch.cat([self.ranks, self.ranks.new_zeros(batch, heads, new)], dim=-1)
-        self.valid = torch.cat([self.valid, self.valid.new_ones(batch, heads, new)], dim=-1)
-        self.sink = torch.cat([self.sink, self.sink.new_zeros(batch, heads, new)], dim=-1)
+        spare = self.growth_room(new)
+        self.keys = self._append("keys", key_states, spare)
+        self.values = self._append("values", value_states, spare)
+        self.positions = self._append("positions", positions.expand(batch, heads, new), spare)
+        self.ranks = self._append("ranks", self.ranks.new_zeros(batch, heads, new), spare)
+        self.valid = self._append("valid", self.valid.new_ones(batch, heads, new), spare)
+        self.sink = self._append("sink", self.sink.new_zeros(batch, heads, new), spare)
         self.seen += new
         _LAST_UPDATED[0] = (self, self.keys)
         return self.keys, self.values
+
+    def growth_room(self, new: int) -> int:
+        """Spare token slots to allocate when an append must copy the layer: a few decode steps'
+        worth while nothing will be evicted (so they are used), none for a long block (prefill)
+        or while the policy evicts every step (each eviction copies the layer anyway)."""
+        if new > SMALL_APPEND or (self.policy.evicts and not self.defer_eviction):
+            return 0
+        return max(SMALL_APPEND, (self.kept + new) // GROWTH_FRACTION)
+
+    def _append(self, name: str, new: torch.Tensor, spare: int) -> torch.Tensor:
+        """``cat([self.<name>, new])`` along the token axis, written into spare room when there is some.
+
+        The result is a view of a buffer with ``spare`` free slots after it; the next append
+        writes just its own tokens there while the layer's tensor is still that view (or a
+        prefix of it, after a rollback). Anything else (eviction, reorder) starts a new buffer.
+        """
+        current = getattr(self, name)
+        buffers = self._buffers
+        buffer = buffers.get(name)
+        held, total = current.shape[2], current.shape[2] + new.shape[2]
+        if not _is_prefix_view(current, buffer) or total > buffer.shape[2]:
+            if not spare:
+                buffers.pop(name, None)
+                if held == 0 and new.is_contiguous():
+                    return new  # nothing held yet: take the block as is (stored tensors are never written in place)
+                return torch.cat([current, new], dim=2)
+            buffer = current.new_empty(*current.shape[:2], total + spare, *current.shape[3:])
+            buffer[:, :, :held].copy_(current)
+            buffers[name] = buffer
+        buffer[:, :, held:total].copy_(new)
+        return buffer[:, :, :total]
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """Kept tokens + new ones, offset so new tokens sit at their true positions."""
@@ -102,10 +138,11 @@ class SelectingLayer(CacheLayerMixin):
         self.__init__(self.layer_idx, self.num_layers, self.policy)
         self.shared = shared
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop the newest ``-tokens_to_remove`` tokens (speculative rollback)."""
-        count = abs(tokens_to_remove)
-        if count == 0 or not self.is_initialized:
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens seen (negative: drop the newest ``-max_length``), as
+        transformers' layers do (speculative rollback)."""
+        count = -max_length if max_length < 0 else self.seen - max_length
+        if count <= 0 or not self.is_initialized:
             return
         if int(self.positions[..., -count:].min()) < self.seen - count:
             raise RuntimeError("cannot crop: some of the newest tokens were already evicted")
@@ -161,7 +198,15 @@ class SelectingLayer(CacheLayerMixin):
 
     @property
     def kv_bytes(self) -> int:
-        return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
+        """Bytes allocated for the kept K/V, spare append room included."""
+        if self.keys is None:
+            return 0
+        return sum(self._allocated(name).nbytes for name in ("keys", "values"))
+
+    def _allocated(self, name: str) -> torch.Tensor:
+        """The tensor holding ``self.<name>``'s memory: its append buffer, or itself."""
+        tensor, buffer = getattr(self, name), self._buffers.get(name)
+        return buffer if _is_prefix_view(tensor, buffer) else tensor
 
     @property
     def kv_bytes_full(self) -> int:
@@ -244,8 +289,8 @@ class SelectingLayer(CacheLayerMixin):
     def _gather_tokens(self, index) -> None:
         """Keep only ``index`` (a slice, or ``[batch, heads, n]`` indices) of every per-token tensor."""
         def take(tensor: torch.Tensor) -> torch.Tensor:
-            if isinstance(index, slice):
-                return tensor[:, :, index].contiguous()
+            if isinstance(index, slice):  # a prefix stays a view: the next append reuses its buffer
+                return tensor[:, :, index] if index.start in (None, 0) else tensor[:, :, index].contiguous()
             idx = index if tensor.dim() == 3 else index[..., None].expand(-1, -1, -1, tensor.shape[-1])
             return tensor.gather(2, idx)
 
@@ -347,3 +392,11 @@ def make_cache(model, policy: Policy) -> SelectingCache:
     if prepare is not None:
         prepare(model)
     return cache
+
+
+def _is_prefix_view(tensor: torch.Tensor, buffer: torch.Tensor | None) -> bool:
+    """Whether ``tensor`` is ``buffer[:, :, :n]`` for some ``n`` (same storage start and strides)."""
+    return (
+        buffer is not None and tensor.data_ptr() == buffer.data_ptr() and tensor.stride() == buffer.stride()
+        and tensor.shape[:2] == buffer.shape[:2] and tensor.shape[3:] == buffer.shape[3:]
+    )

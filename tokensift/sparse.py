@@ -44,43 +44,6 @@ class SparseReadMixin:
     """Mixed into a SelectingLayer subclass: sparse reads for single-token decode queries."""
 
     _query_len: int = 0
-    buffered: bool = False  # amortized append (set when the stored layer is the plain SelectingLayer)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Append into a growing buffer instead of ``torch.cat`` of the whole layer per step.
-
-        The stock update copies every cached K/V row at every decode step (as much memory
-        traffic as dense attention itself); here ``keys``/``values`` are views of a buffer with
-        spare capacity, so a step writes only the new rows. Per-token metadata still goes
-        through the base update (it is small). Anything that replaces ``keys`` (eviction,
-        crop, reorder) simply makes the next append start a fresh buffer.
-        """
-        if not self.buffered or not self.is_initialized or self.kept == 0:
-            return super().update(key_states, value_states, *args, **kwargs)
-        from tokensift.cache import _LAST_UPDATED
-
-        kept, new = self.kept, key_states.shape[2]
-        keys, values = self.keys, self.values
-        buffer = self.__dict__.get("_kv_buffer")
-        fresh = (
-            buffer is None or buffer[2] != kept or kept + new > buffer[0].shape[2]
-            or buffer[0].data_ptr() != keys.data_ptr() or buffer[0].shape[:2] != keys.shape[:2]
-        )
-        if fresh:
-            batch, heads, _, dim = keys.shape
-            capacity = kept + new + max(256, (kept + new) // 4)
-            buffer = (keys.new_empty(batch, heads, capacity, dim), values.new_empty(batch, heads, capacity, values.shape[-1]))
-            buffer[0][:, :, :kept].copy_(keys)
-            buffer[1][:, :, :kept].copy_(values)
-        buffer[0][:, :, kept:kept + new].copy_(key_states)
-        buffer[1][:, :, kept:kept + new].copy_(value_states)
-        # the base update appends the metadata; let it "append" the new K/V to nothing
-        self.keys, self.values = keys[:, :, :0], values[:, :, :0]
-        super().update(key_states, value_states, *args, **kwargs)
-        self.keys, self.values = buffer[0][:, :, :kept + new], buffer[1][:, :, :kept + new]
-        self.__dict__["_kv_buffer"] = (buffer[0], buffer[1], kept + new)
-        _LAST_UPDATED[0] = (self, self.keys)
-        return self.keys, self.values
 
     def mark_new_tokens(self, new_valid: torch.Tensor) -> None:
         self._query_len = new_valid.shape[1]
@@ -109,10 +72,7 @@ def sparse_layer_class(base: type) -> type:
     if issubclass(base, SparseReadMixin):
         return base
     if base not in _LAYER_CLASSES:
-        from tokensift.cache import SelectingLayer
-
-        extra = {"buffered": base is SelectingLayer}
-        _LAYER_CLASSES[base] = type(f"Sparse{base.__name__}", (SparseReadMixin, base), extra)
+        _LAYER_CLASSES[base] = type(f"Sparse{base.__name__}", (SparseReadMixin, base), {})
     return _LAYER_CLASSES[base]
 
 

@@ -25,16 +25,18 @@ import torch
 
 from tokensift.bench import metrics
 from tokensift.bench.replay import merge_caches, record_prefill, replay
-from tokensift.bench.tasks import QUERY_AGNOSTIC, RETRIEVAL_TASKS, build_instances, get_task, score
+from tokensift.bench.tasks import QUERY_AGNOSTIC, RETRIEVAL_TASKS, build_instances, get_task
 from tokensift.cache import SelectingLayer
 from tokensift.errors import TokensiftError
-from tokensift.generate import Decoder
+from tokensift.generate import Decoder, left_pad
 from tokensift.policies import POLICIES, build_policy
 
 # wrapped combinations the bench adds to the registry: only inners other than the wrapper's default
 # (graphkv, pyramidkv and adakv already wrap snapkv; caote wraps h2o)
 WRAPPED_DEFAULTS = ("caote(snapkv)",)
-MERGE_ROWS = 16
+MERGE_ROWS = 16  # settings per merged decode batch
+MERGE_TOKENS = 16 * 1024  # cached tokens (rows x kept) per merged batch, at most about
+PROMPT_BATCH = 1  # prompts of a retrieval task prefilled and decoded together (same context length)
 ALL_TOKENS = "@all"  # policy suffix: one setting with no budget
 
 
@@ -85,12 +87,13 @@ SUITES = {
         samples=2, ppl_length=2048, fidelity_samples=1, cost_lengths=[1024],
         policies=["full", "streaming_llm", "snapkv", "h2o", "tova", "knorm", "a2sf", "random"],
     ),
-    # the full matrix on the tasks the full cache solves at 4k (>= 0.5 in earlier runs on the embedded
-    # model); the others get their full-cache score only, which the report lists (name them to run them)
+    # the full matrix on the task the full cache solves at 4k (>= 0.5 over 20 prompts on the embedded
+    # model: niah only); the others get their full-cache score only, which the report lists (name them
+    # with --tasks to run them with every policy)
     "standard": lambda: BenchConfig(
         suite="standard", budgets=[64, 128, 256, 512, 1024], lengths=[4096],
         tasks=list(RETRIEVAL_TASKS) + ["ppl", "fidelity", "cost"], samples=20, cost_lengths=[4096],
-        full_only_tasks=["niah_multikey", "niah_multiquery", "vt", "cwe"], lm_budgets=[128, 512],
+        full_only_tasks=["niah_multivalue", "niah_multikey", "niah_multiquery", "vt", "cwe"], lm_budgets=[128, 512],
     ),
     "full": lambda: BenchConfig(
         suite="full", budgets=[64, 128, 256, 512, 1024], lengths=[1024, 2048, 4096, 8192],
@@ -203,36 +206,69 @@ def is_mergeable(policy) -> bool:
 
 
 @torch.inference_mode()
-def greedy_tokens(model, cache, suffix: list[int], rows: int, max_new_tokens: int, settled=None) -> list[list[int]]:
-    """Append ``suffix`` to every row of ``cache`` and decode greedily.
+def greedy_tokens(model, cache, suffixes: list[list[int]], max_new_tokens: int, settled=None) -> list[list[int]]:
+    """Append ``suffixes[row]`` to each row of ``cache`` and decode greedily.
 
-    ``settled(tokens)`` (optional) says a row's score can no longer change; decoding stops
-    when every row is settled, so the scores equal those of decoding all ``max_new_tokens``.
+    Shorter suffixes are padded on their left (masked slots between the cached prompt and
+    the suffix; positions stay contiguous). ``settled(row, tokens)`` (optional) says a row's
+    score can no longer change; decoding stops when every row is settled, so the scores equal
+    those of decoding all ``max_new_tokens``.
     """
+    rows = len(suffixes)
     decoder = Decoder(model, cache)
     decoder.mask = torch.ones(rows, cache.get_seq_length(), dtype=torch.long)
-    ids = torch.tensor([suffix] * rows)
-    logits = decoder.forward(ids, torch.ones_like(ids))
+    logits = decoder.forward(*left_pad(suffixes, pad_id=0))
     out: list[list[int]] = [[] for _ in range(rows)]
     for step in range(max_new_tokens):
         next_ids = logits.argmax(-1)
         for tokens, token in zip(out, next_ids.tolist()):
             tokens.append(token)
-        if step + 1 == max_new_tokens or (settled is not None and all(settled(tokens) for tokens in out)):
+        if step + 1 == max_new_tokens or (settled is not None and all(settled(r, t) for r, t in enumerate(out))):
             break
         logits = decoder.forward(next_ids[:, None], torch.ones(rows, 1, dtype=torch.long))
     return out
 
 
-def merge_groups(settings: list[Setting]) -> list[list[Setting]]:
-    """Batches of at most ``MERGE_ROWS`` settings, one size per batch (rows pad to the longest)."""
+def answer_scores(model, tokenizer, cache, rows: list) -> list[float]:
+    """Decode the answer of each row of ``cache`` (row ``r`` holds instance ``rows[r]``'s prompt) and score it."""
+    spec = get_task(rows[0].task)
+
+    def text(tokens: list[int], instance) -> str:
+        return tokenizer.decode(tokens[: instance.max_new_tokens], skip_special_tokens=True)
+
+    def settled(row: int, tokens: list[int]) -> bool:
+        instance = rows[row]
+        return len(tokens) >= instance.max_new_tokens or spec.settled(instance, text(tokens, instance))
+
+    longest = max(instance.max_new_tokens for instance in rows)
+    generated = greedy_tokens(model, cache, [instance.suffix_ids for instance in rows], longest, settled)
+    return [spec.score(instance, text(tokens, instance)) for instance, tokens in zip(rows, generated)]
+
+
+def merge_groups(settings: list[Setting], rows_per_setting: int = 1, length: int = 0) -> list[list[Setting]]:
+    """Batches of settings to decode together, one size per batch (rows pad to the longest).
+
+    At most ``MERGE_ROWS`` settings, and at most about ``MERGE_TOKENS`` cached tokens in all
+    (``rows_per_setting`` prompts each), which bounds the merged cache's memory.
+    """
     by_size: dict = {}
     for setting in settings:
         by_size.setdefault((setting.budget, setting.ratio), []).append(setting)
-    return [group[i:i + MERGE_ROWS] for group in by_size.values() for i in range(0, len(group), MERGE_ROWS)]
+    groups = []
+    for (budget, ratio), group in by_size.items():
+        kept = budget or (math.ceil(ratio * length) if ratio else length)
+        per_batch = max(1, min(MERGE_ROWS, MERGE_TOKENS // max(rows_per_setting * kept, 1)))
+        groups += [group[i:i + per_batch] for i in range(0, len(group), per_batch)]
+    return groups
+
+
+def kv_entries(cache, rows: int) -> list[tuple[float, float, float]]:
+    """The per-prompt KV figures of a cache holding ``rows`` prompts (their mean, once per prompt)."""
+    return [(cache.kv_bytes / rows, cache.kv_bytes_full / rows, cache.kv_tokens())] * rows
 
 
 def run_retrieval(model, tokenizer, config, results, task, protocol, length, settings, progress) -> None:
+    """Score every pending setting; ``PROMPT_BATCH`` prompts share one prefill and every decode."""
     pending = results.pending(task, protocol, length, settings)
     if not pending:
         return
@@ -240,27 +276,25 @@ def run_retrieval(model, tokenizer, config, results, task, protocol, length, set
     scores = {s: [] for s in pending}
     kv = {s: [] for s in pending}
     started = time.perf_counter()
-    spec = get_task(task)
-    for instance in instances:
-        recording = record_prefill(model, torch.tensor([instance.context_ids]))
+    for first in range(0, len(instances), PROMPT_BATCH):
+        batch = instances[first:first + PROMPT_BATCH]
+        recording = record_prefill(model, torch.tensor([instance.context_ids for instance in batch]))
         policies = {s: s.build() for s in pending}
-        settled = lambda tokens: spec.settled(instance, tokenizer.decode(tokens, skip_special_tokens=True))  # noqa: B023, E731
         merged = [s for s in pending if is_mergeable(policies[s])]
-        for group in merge_groups(merged):
+        for group in merge_groups(merged, len(batch), recording.length):
             caches = [replay(model, policies[s], recording) for s in group]
             for s, cache in zip(group, caches):
-                kv[s].append((cache.kv_bytes, cache.kv_bytes_full, cache.kv_tokens()))
-            texts = greedy_tokens(model, merge_caches(caches, model), instance.suffix_ids, len(group), instance.max_new_tokens, settled)
-            for s, tokens in zip(group, texts):
-                scores[s].append(score(instance, tokenizer.decode(tokens, skip_special_tokens=True)))
-            progress(len(group))
+                kv[s] += kv_entries(cache, len(batch))
+            answers = answer_scores(model, tokenizer, merge_caches(caches, model), batch * len(group))
+            for index, s in enumerate(group):
+                scores[s] += answers[index * len(batch):(index + 1) * len(batch)]
+            progress(len(group) * len(batch))
         for s in [s for s in pending if s not in merged]:
             cache = replay(model, policies[s], recording)
             cache.set_defer_eviction(True)  # same protocol as the merged rows
-            kv[s].append((cache.kv_bytes, cache.kv_bytes_full, cache.kv_tokens()))
-            tokens = greedy_tokens(model, cache, instance.suffix_ids, 1, instance.max_new_tokens, settled)[0]
-            scores[s].append(score(instance, tokenizer.decode(tokens, skip_special_tokens=True)))
-            progress(1)
+            kv[s] += kv_entries(cache, len(batch))
+            scores[s] += answer_scores(model, tokenizer, cache, batch)
+            progress(len(batch))
         del recording
     elapsed = time.perf_counter() - started
     for s in pending:
@@ -321,7 +355,7 @@ def run_fidelity(model, tokenizer, config, results, length, settings, progress) 
     for instance in instances:
         recording = record_prefill(model, torch.tensor([instance.context_ids]))
         full_cache = replay(model, build_policy("full"), recording)
-        reference_tokens = greedy_tokens(model, full_cache, instance.suffix_ids, 1, instance.max_new_tokens)[0]
+        reference_tokens = greedy_tokens(model, full_cache, [instance.suffix_ids], instance.max_new_tokens)[0]
         fed = instance.suffix_ids + reference_tokens[:-1]
         reference = teacher_forced_logits(model, replay(model, build_policy("full"), recording), fed, metrics.DECODE_CHUNK)
         reference = reference[len(instance.suffix_ids) - 1:]
@@ -365,14 +399,15 @@ class Job:
 
 
 def plan_jobs(config: BenchConfig) -> list[Job]:
-    """Every job of the run except ``cost`` (which runs last, alone), the heaviest first."""
+    """Every job of the run except ``cost`` (which runs last, alone), the heaviest first (workers
+    take them in order, so the small full-cache-only jobs fill the gaps at the end)."""
     named = config.tasks + [t for t in config.full_only_tasks if t not in config.tasks]
     retrieval = [t for t in named if t in RETRIEVAL_TASKS]
     jobs = [Job(t, n, p, t in config.full_only_tasks) for n in config.lengths for p in config.protocols for t in retrieval]
-    jobs.sort(key=lambda job: job.full_only)
-    jobs += [Job("fidelity", n) for n in config.lengths if "fidelity" in config.tasks]
-    jobs += [Job("ppl", config.ppl_length)] if "ppl" in config.tasks else []
-    return jobs
+    every_policy = [job for job in jobs if not job.full_only]
+    language = [Job("ppl", config.ppl_length)] if "ppl" in config.tasks else []
+    language += [Job("fidelity", n) for n in config.lengths if "fidelity" in config.tasks]
+    return every_policy + language + [job for job in jobs if job.full_only]
 
 
 def job_settings(job: Job, config: BenchConfig, settings: list[Setting]) -> list[Setting]:
