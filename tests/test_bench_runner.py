@@ -196,3 +196,23 @@ def test_merge_groups_bound_the_cached_tokens():
     groups = merge_groups(settings, rows_per_setting=4, length=4000)
     assert all(len(g) * 4 * 1024 <= MERGE_TOKENS for g in groups if g[0].budget)
     assert [len(g) for g in groups if g[0].policy == "full"] == [1]
+
+
+def test_prompts_sharing_a_batch_score_like_one_at_a_time(tmp_path, tiny_real_vocab, monkeypatch):
+    import tokensift.bench.runner as runner
+
+    from tokensift.bench.tasks import get_task
+
+    model, tokenizer = tiny_real_vocab
+    # a score that tells every generated text and prompt apart (the random model never finds the needle)
+    monkeypatch.setattr(get_task("niah"), "score", lambda instance, text: sum(map(ord, text)) % 997 + instance.index / 10)
+    config = BenchConfig.for_suite("quick", policies=["full", "snapkv", "knorm", "streaming_llm", "tokenselect"],
+                                   budgets=[64], lengths=[600], samples=3, tasks=["niah"])
+    rows = {}
+    for batch in (1, 2):
+        monkeypatch.setattr(runner, "PROMPT_BATCH", batch)
+        run_bench(config, tmp_path / str(batch), model=model, tokenizer=tokenizer)
+        lines = (tmp_path / str(batch) / "results.jsonl").read_text().splitlines()
+        rows[batch] = {r["cell"]: (r["sample_scores"], r["kv_tokens"]) for r in map(json.loads, lines)}
+    assert rows[1] == rows[2] and len(rows[1]) == 5
+    assert len({tuple(scores) for scores, _ in rows[1].values()}) == 5  # the settings really differ
