@@ -105,19 +105,17 @@ class SelectingLayer(CacheLayerMixin):
         writes just its own tokens there while the layer's tensor is still that view (or a
         prefix of it, after a rollback). Anything else (eviction, reorder) starts a new buffer.
         """
-        current = getattr(self, name)
-        buffers = self._buffers
-        buffer = buffers.get(name)
+        current, buffer = getattr(self, name), self._buffers.get(name)
         held, total = current.shape[2], current.shape[2] + new.shape[2]
         if not _is_prefix_view(current, buffer) or total > buffer.shape[2]:
             if not spare:
-                buffers.pop(name, None)
+                self._buffers.pop(name, None)
                 if held == 0 and new.is_contiguous():
                     return new  # nothing held yet: take the block as is (stored tensors are never written in place)
                 return torch.cat([current, new], dim=2)
             buffer = current.new_empty(*current.shape[:2], total + spare, *current.shape[3:])
             buffer[:, :, :held].copy_(current)
-            buffers[name] = buffer
+            self._buffers[name] = buffer
         buffer[:, :, held:total].copy_(new)
         return buffer[:, :, :total]
 

@@ -1,7 +1,7 @@
 """``tokensift bench``: the quality/cost matrix on shipped real data, resumable.
 
-Cells are (task, protocol, length, policy, budget). For each task instance the prompt is
-prefilled once with the full cache (queries recorded) and every policy's compressed cache is
+Cells are (task, protocol, length, policy, budget). Each task instance's prompt (or a batch of
+``PROMPT_BATCH`` of them) is prefilled once with the full cache (queries recorded) and every policy's compressed cache is
 rebuilt from that recording (:mod:`tokensift.bench.replay`). Retrieval tasks then append the
 question and decode the answer greedily — for policies that only evict, all their caches are
 stacked into one batch (no further eviction after the question arrives, the kvpress
