@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from conftest import random_ids, tiny_llama
+from conftest import TinyTokenizer, random_ids, tiny_llama
 from tokensift.cache import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.generate import generate
@@ -301,3 +301,49 @@ def test_rollback_keeps_the_append_buffer_and_evicting_layers_stay_exact():
         model(torch.tensor([[5]]), past_key_values=evicting, use_cache=True)
     layer = evicting.selecting_layers[0]
     assert layer.kept == 20 and layer.kv_bytes == layer.keys.nbytes * 2 and not layer._buffers
+
+
+def eager_copy_of(cache):
+    """The same cache with metadata written at every step (the lazy path switched off)."""
+    for layer in cache.selecting_layers:
+        layer.lazy = False
+    return cache
+
+
+def test_waiting_metadata_equals_metadata_written_every_step():
+    """A full-policy layer writes positions/ranks/valid/sink only when read; what it writes then
+    equals what writing them at every step gives (left padding, decode steps, tree rollback)."""
+    from tokensift.speculative import CandidateTree, Speculator
+
+    model = tiny_llama()
+    ids = random_ids(24, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding on the second row
+    lazy, eager = make_cache(model, build_policy("full")), eager_copy_of(make_cache(model, build_policy("full")))
+    assert all(layer.lazy for layer in lazy.selecting_layers)
+    with torch.inference_mode():
+        for cache in (lazy, eager):
+            model.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=False, past_key_values=cache)
+    layer = lazy.selecting_layers[0]
+    assert layer._pending == 6  # the decode steps' metadata waited
+    for name in ("positions", "ranks", "valid", "sink", "valid_seen"):
+        for got, want in zip(lazy.selecting_layers, eager.selecting_layers):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert layer._pending == 0
+    # one sequence: a tree whose accepted path is not a prefix of its nodes, then rollback
+    single = [make_cache(model, build_policy("full")), eager_copy_of(make_cache(model, build_policy("full")))]
+    prompt = random_ids(20, seed=3)[0].tolist()
+    for cache in single:
+        with torch.inference_mode():
+            model.model(input_ids=torch.tensor([prompt[:-1]]), past_key_values=cache, use_cache=True)
+            greedy = generate(model, TinyTokenizer(), prompt, max_new_tokens=3).token_ids[0]
+            tree = CandidateTree(prompt[-1])
+            tree.add_path([7, 9], [0.9, 0.9], ["a", "a"])
+            tree.add_path(greedy[:2], [0.5, 0.5], ["b", "b"])
+            path, _ = Speculator(model, "prompt_lookup", fixed_nodes=4).verify(
+                tree.subtree(tree.ranked()), cache, 0.0, 1.0, torch.Generator())
+        assert path[1:] == [2, 4]  # nodes 1 and 3 are the decoy: the kept nodes are moved
+    for got, want in zip(*(c.selecting_layers for c in single)):
+        assert got.seen == want.seen and torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
+        for name in ("positions", "ranks", "valid", "sink", "valid_seen"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name

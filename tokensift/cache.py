@@ -29,6 +29,21 @@ def take_last_updated(key: torch.Tensor) -> SelectingLayer | None:
     return layer if returned is key else None
 
 
+def _lazy_metadata(name: str) -> property:
+    """A per-token metadata tensor that is brought up to date (see ``materialize``) when read."""
+    private = "_" + name
+
+    def read(self):
+        if self._pending or self._unmarked:
+            self.materialize()
+        return getattr(self, private)
+
+    def write(self, value):
+        setattr(self, private, value)
+
+    return property(read, write)
+
+
 class SelectingLayer(CacheLayerMixin):
     """One full-attention layer's cache under a policy.
 
@@ -37,13 +52,25 @@ class SelectingLayer(CacheLayerMixin):
     sequence), ``ranks`` (index among the sequence's real tokens: its RoPE position under
     left padding), ``valid`` (False for padding), ``sink`` (protected first tokens), and the
     policy's per-token statistics in ``token_state``.
+
+    A layer whose policy keeps everything and watches nothing (``full``) lets that metadata
+    wait: a decode step appends only K/V, and the positions, ranks... of those tokens are
+    written the first time anything reads them (``materialize``), so a plain step costs what
+    a DynamicCache step costs.
     """
 
     is_sliding = False
     is_croppable = True
+    positions = _lazy_metadata("positions")
+    ranks = _lazy_metadata("ranks")
+    valid = _lazy_metadata("valid")
+    sink = _lazy_metadata("sink")
+    valid_seen = _lazy_metadata("valid_seen")
 
     def __init__(self, layer_idx: int, num_layers: int, policy: Policy):
         super().__init__()
+        self._pending = 0  # newest tokens, all real (marked valid), whose metadata waits
+        self._unmarked = 0  # newest tokens appended but not yet marked by an attention call
         self.layer_idx = layer_idx
         self.num_layers = num_layers
         self.policy = policy
@@ -59,6 +86,7 @@ class SelectingLayer(CacheLayerMixin):
         self.state: dict = {}
         self.shared: dict = {}
         self._buffers: dict[str, torch.Tensor] = {}  # append buffers with spare room (see _append)
+        self.lazy = _metadata_can_wait(self, policy)
 
     # ------------------------------------------------------------ transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -78,17 +106,43 @@ class SelectingLayer(CacheLayerMixin):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         batch, heads, new = key_states.shape[:3]
-        positions = torch.arange(self.seen, self.seen + new, device=self.device)
         spare = self.growth_room(new)
         self.keys = self._append("keys", key_states, spare)
         self.values = self._append("values", value_states, spare)
+        if self.lazy and self.kept > new:  # metadata waits (a first block is written at once)
+            self._unmarked += new
+        else:
+            self._append_metadata(batch, heads, new, spare)
+        self.seen += new
+        _LAST_UPDATED[0] = (self, self.keys)
+        return self.keys, self.values
+
+    def _append_metadata(self, batch: int, heads: int, new: int, spare: int) -> None:
+        """Metadata of ``new`` unmarked tokens, the newest ``new`` of ``seen + new``: assumed valid."""
+        positions = torch.arange(self.seen, self.seen + new, device=self.device)
         self.positions = self._append("positions", positions.expand(batch, heads, new), spare)
         self.ranks = self._append("ranks", self.ranks.new_zeros(batch, heads, new), spare)
         self.valid = self._append("valid", self.valid.new_ones(batch, heads, new), spare)
         self.sink = self._append("sink", self.sink.new_zeros(batch, heads, new), spare)
-        self.seen += new
-        _LAST_UPDATED[0] = (self, self.keys)
-        return self.keys, self.values
+
+    def materialize(self) -> None:
+        """Write the metadata of the tokens whose metadata waits (``lazy`` layers): the ``pending``
+        ones exactly as ``mark_new_tokens`` would have marked them all valid, then the unmarked
+        ones as ``update`` appends them."""
+        pending, unmarked = self._pending, self._unmarked
+        self._pending = self._unmarked = 0
+        batch, heads = self._valid.shape[:2]
+        spare = self.growth_room(pending + unmarked)
+        if pending:
+            self.seen -= pending + unmarked
+            self._append_metadata(batch, heads, pending, spare)
+            self.seen += pending
+            self.mark_new_tokens(torch.ones(batch, pending, dtype=torch.bool, device=self.device))
+            self.seen += unmarked
+        if unmarked:
+            self.seen -= unmarked
+            self._append_metadata(batch, heads, unmarked, spare)
+            self.seen += unmarked
 
     def growth_room(self, new: int) -> int:
         """Spare token slots to allocate when an append must copy the layer: a few decode steps'
@@ -158,6 +212,12 @@ class SelectingLayer(CacheLayerMixin):
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.device)
         past, count = self.kept - new, int(idx.numel())
         start = self.seen - new
+        if self._pending >= new and not self._unmarked:  # metadata still waits: only K/V to trim
+            self._keep_tail("keys", past, idx)
+            self._keep_tail("values", past, idx)
+            self._pending -= new - count
+            self.seen = start + count
+            return
         if past < 0 or int(self.positions[..., past:].min()) < start:
             raise RuntimeError("cannot roll back: some of the newest tokens were already evicted")
         step = torch.arange(count, device=self.device)
@@ -170,6 +230,20 @@ class SelectingLayer(CacheLayerMixin):
         self.ranks[..., past:] = (self.valid_seen - count)[:, None, None] + step
         self.sink[..., past:] = self.valid[..., past:] & (self.ranks[..., past:] < self.policy.n_sink)
         self.seen = start + count
+
+    def _keep_tail(self, name: str, past: int, idx: torch.Tensor) -> None:
+        """``self.<name>`` = its first ``past`` tokens + tokens ``past + idx``, written in place into
+        its append buffer when it has one (no copy of the past), else gathered."""
+        tensor, count = getattr(self, name), int(idx.numel())
+        if bool((idx == torch.arange(count, device=idx.device)).all()):
+            setattr(self, name, tensor[:, :, : past + count])  # a prefix: a view (keeps the buffer)
+            return
+        tail = tensor.index_select(2, past + idx)
+        if _is_prefix_view(tensor, self._buffers.get(name)):
+            tensor[:, :, past:past + count].copy_(tail)
+            setattr(self, name, tensor[:, :, : past + count])
+        else:
+            setattr(self, name, torch.cat([tensor[:, :, :past], tail], dim=2))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
@@ -251,6 +325,9 @@ class SelectingLayer(CacheLayerMixin):
     def mark_new_tokens(self, new_valid: torch.Tensor) -> None:
         """Record which of the newest tokens are padding ([batch, new] bool) and which are sinks."""
         new = new_valid.shape[1]
+        if self._unmarked == new and bool(new_valid.all()):
+            self._pending, self._unmarked = self._pending + new, 0  # all real: the metadata can wait
+            return
         heads = self.valid.shape[1]
         rank = self.valid_seen[:, None] + torch.cumsum(new_valid.long(), dim=1) - 1
         is_sink = new_valid & (rank < self.policy.n_sink)
@@ -266,7 +343,7 @@ class SelectingLayer(CacheLayerMixin):
 
     def enforce_budget(self) -> None:
         """Cut the layer back to its budget when it has grown past it (per KV head)."""
-        if self.defer_eviction:
+        if self.defer_eviction or self.lazy:
             return
         budget = self.policy.layer_budget(self.layer_idx, self.num_layers, int(self.valid_seen.max()))
         if budget is None or self.kept < budget + self.policy.interval:
@@ -286,6 +363,7 @@ class SelectingLayer(CacheLayerMixin):
 
     def _gather_tokens(self, index) -> None:
         """Keep only ``index`` (a slice, or ``[batch, heads, n]`` indices) of every per-token tensor."""
+        self.materialize()
         def take(tensor: torch.Tensor) -> torch.Tensor:
             if isinstance(index, slice):  # a prefix stays a view: the next append reuses its buffer
                 return tensor[:, :, index] if index.start in (None, 0) else tensor[:, :, index].contiguous()
@@ -390,6 +468,15 @@ def make_cache(model, policy: Policy) -> SelectingCache:
     if prepare is not None:
         prepare(model)
     return cache
+
+
+def _metadata_can_wait(layer: SelectingLayer, policy: Policy) -> bool:
+    """Whether a layer's per-token metadata may be written only when read: a stock layer whose
+    policy evicts nothing, reads no subset and observes nothing."""
+    from tokensift.policies.base import Policy as BasePolicy
+
+    return (type(layer) is SelectingLayer and not policy.evicts and not policy.needs_attention
+            and not getattr(policy, "reads_subset", False) and type(policy).observe is BasePolicy.observe)
 
 
 def _is_prefix_view(tensor: torch.Tensor, buffer: torch.Tensor | None) -> bool:
