@@ -204,6 +204,7 @@ def bench(
     full_only_tasks: Optional[str] = typer.Option(None, "--full-only-tasks", help="Retrieval tasks run with the full cache only."),
     lm_budgets: Optional[str] = typer.Option(None, "--lm-budgets", help="Budgets for ppl and fidelity (default: --budgets)."),
     workers: int = typer.Option(1, "--workers", help="Processes sharing the cores (each loads the model)."),
+    kernels: str = typer.Option("packed", "--kernels", help="packed (prepacked oneDNN linears) | stock (PyTorch's default)."),
 ) -> None:
     """Run a benchmark suite; writes results.jsonl, report.md and plots into --out."""
     import importlib
@@ -224,6 +225,7 @@ def bench(
         suite, policies=split_list(policies), budgets=split_list(budgets, int), ratios=split_list(ratios, float),
         lengths=split_list(lengths, int), tasks=split_list(tasks), protocols=split_list(protocols),
         samples=samples, seed=seed, full_only_tasks=split_list(full_only_tasks), lm_budgets=split_list(lm_budgets, int),
+        kernels=kernels,
     )
     run_bench(config, out, workers=workers)
 

@@ -29,6 +29,7 @@ from tokensift.bench.tasks import QUERY_AGNOSTIC, RETRIEVAL_TASKS, build_instanc
 from tokensift.cache import SelectingLayer
 from tokensift.errors import TokensiftError
 from tokensift.generate import Decoder, left_pad
+from tokensift.kernels import packed_linears
 from tokensift.policies import POLICIES, build_policy
 
 # wrapped combinations the bench adds to the registry: only inners other than the wrapper's default
@@ -38,6 +39,7 @@ MERGE_ROWS = 16  # settings per merged decode batch
 MERGE_TOKENS = 16 * 1024  # cached tokens (rows x kept) per merged batch, at most about
 PROMPT_BATCH = 1  # prompts of a retrieval task prefilled and decoded together (same context length)
 ALL_TOKENS = "@all"  # policy suffix: one setting with no budget
+KERNELS = ("packed", "stock")
 
 
 @dataclass
@@ -60,6 +62,7 @@ class BenchConfig:
     full_only_tasks: list[str] = field(default_factory=list)  # retrieval tasks run with the full cache only
     lm_budgets: list[int] = field(default_factory=list)  # ppl/fidelity budgets (default: ``budgets``)
     model: str | None = None
+    kernels: str = "packed"  # linear layers on prepacked oneDNN weights ("stock": PyTorch's default path)
 
     @classmethod
     def for_suite(cls, suite: str, **overrides) -> BenchConfig:
@@ -182,6 +185,7 @@ def environment(config: BenchConfig) -> dict:
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "python": platform.python_version()},
         "seed": config.seed,
         "suite": config.suite,
+        "kernels": config.kernels,
     }
 
 
@@ -425,6 +429,11 @@ def job_units(job: Job, config: BenchConfig, settings: list[Setting]) -> int:
 
 
 def run_job(job: Job, model, tokenizer, config: BenchConfig, results: Results, settings, progress) -> None:
+    with packed_linears(model, config.kernels == "packed"):
+        _run_job(job, model, tokenizer, config, results, settings, progress)
+
+
+def _run_job(job: Job, model, tokenizer, config: BenchConfig, results: Results, settings, progress) -> None:
     chosen = job_settings(job, config, settings)
     if job.task == "ppl":
         run_ppl(model, tokenizer, config, results, chosen, progress)
@@ -500,6 +509,8 @@ def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, worker
 
     if workers < 1:
         raise TokensiftError(f"--workers must be at least 1, got {workers}")
+    if config.kernels not in KERNELS:
+        raise TokensiftError(f"unknown kernels '{config.kernels}'; use one of: {', '.join(KERNELS)}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     results = Results(out / "results.jsonl")
@@ -531,7 +542,8 @@ def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, worker
         if "cost" in config.tasks:
             for length in config.cost_lengths:
                 bar.update(handle, description=f"cost {length}")
-                run_cost(model, tokenizer, config, results, length, settings, advance)
+                with packed_linears(model, config.kernels == "packed"):
+                    run_cost(model, tokenizer, config, results, length, settings, advance)
                 note(f"cost {length} done")
     write_report(out)
     console.print(f"results: {out / 'results.jsonl'}  report: {out / 'report.md'}")

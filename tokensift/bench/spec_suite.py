@@ -5,7 +5,9 @@ Categories, from shipped data: code completion (HumanEval prompts), summarizatio
 Paul Graham essays (chat template), multi-turn chat, copying/rewriting. Every prompt runs all
 methods back to back (interleaved, so load from other processes hits them alike); speedups
 are ratios of decode-phase tokens/s measured in the same run. Also measured: the machine's
-cost curve (stock vs lazy output layer), each drafter alone, and fixed tree sizes.
+cost curve with stock and with packed kernels (before/after), tokensift's own decoding with
+packed kernels and no drafts (``plain_packed``: how much of the speedup the kernels give
+alone), each drafter alone, and fixed tree sizes.
 
 Environment knobs (for quick runs): TOKENSIFT_SPEC_PROMPTS (per category, 4),
 TOKENSIFT_SPEC_TOKENS (128), TOKENSIFT_SPEC_ABLATION (prompts per category for the drafter
@@ -183,6 +185,7 @@ def run_spec_suite(out_dir: Path) -> None:
     """Run the spec suite; writes results.jsonl, cost_curve.json and report.md into ``out_dir``."""
     from tokensift.models import load_model
     from tokensift.speculative import Speculator, measure_cost
+    from tokensift.kernels import packed_linears
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,19 +197,23 @@ def run_spec_suite(out_dir: Path) -> None:
     model, tokenizer = load_model()
     load_before = os.getloadavg()
 
-    cost = measure_cost(model, context=512, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), repeats=3)
+    sizes = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    stock = measure_cost(model, context=512, sizes=sizes, repeats=3)
+    with packed_linears(model):
+        cost = measure_cost(model, context=512, sizes=sizes, repeats=3)
     cost.save(out_dir / "cost_model.json")
     curves = {"threads": threads, "context": 512,
-              "stock_all_rows": cost.curve(lazy=False),
-              "lazy_head_2_rows": cost.curve(lazy=True, rows=2),
-              "lazy_head_3_rows": cost.curve(lazy=True, rows=3),
-              "body_ms": {q: round(v * 1000, 1) for q, v in cost.body.items()},
-              "head_ms": {r: round(v * 1000, 1) for r, v in cost.head.items()},
-              "head_share_stock": {q: round(cost.head[q] / cost.seconds(q, q), 3) for q in cost.body if q in cost.head}}
+              "stock_all_rows": stock.curve(lazy=False),
+              "stock_lazy_head_2_rows": stock.curve(lazy=True, rows=2),
+              "packed_all_rows": cost.curve(lazy=False),
+              "body_ms": {q: round(v * 1000, 1) for q, v in stock.body.items()},
+              "head_ms": {r: round(v * 1000, 1) for r, v in stock.head.items()},
+              "packed_body_ms": {q: round(v * 1000, 1) for q, v in cost.body.items()},
+              "packed_head_ms": {r: round(v * 1000, 1) for r, v in cost.head.items()}}
     (out_dir / "cost_curve.json").write_text(json.dumps(curves, indent=1))
 
     prompts = spec_prompts(tokenizer, per_category)
-    main = {"auto": Speculator(model, "auto", cost=cost)}
+    main = {"auto": Speculator(model, "auto", cost=cost), "plain_packed": Speculator(model, "auto", fixed_nodes=0)}
     makers = {
         "recycling": lambda: Speculator(model, "recycling", cost=cost),
         "prompt_lookup": lambda: Speculator(model, "prompt_lookup", cost=cost),
@@ -275,8 +282,9 @@ def write_report(out_dir: Path, records: list[dict], curves: dict, load_before, 
     lines += [f"Outputs identical to plain greedy: {sum(identical)}/{len(identical)} runs.", ""]
     lines += ["## Per category: `auto` (adaptive, cost-aware) vs baselines", "",
               "| category | tokens/step auto | tok/s plain | tok/s hf_lookup_3 | tok/s hf_lookup_10 | tok/s auto | "
-              "auto vs plain | auto vs hf_lookup_3 | auto vs hf_lookup_10 | hf_lookup_3 vs plain | hf_lookup_10 vs plain |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "auto vs plain | auto vs hf_lookup_3 | auto vs hf_lookup_10 | hf_lookup_3 vs plain | hf_lookup_10 vs plain | "
+              "plain_packed vs plain | auto vs plain_packed |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     cat_rows = {}
     for category in CATEGORIES + ("overall",):
         cat = None if category == "overall" else category
@@ -286,21 +294,22 @@ def write_report(out_dir: Path, records: list[dict], curves: dict, load_before, 
             return _mean([r["tokens_per_second"] for r in sel if r["method"] == method])
 
         aps = _mean([r["accepted_per_step"] for r in sel if r["method"] == "auto"])
+        pairs = {"vs_plain": ("auto", "plain"), "vs_l3": ("auto", "hf_lookup_3"), "vs_l10": ("auto", "hf_lookup_10"),
+                 "l3": ("hf_lookup_3", "plain"), "l10": ("hf_lookup_10", "plain"),
+                 "kernels": ("plain_packed", "plain"), "drafts": ("auto", "plain_packed")}
         if category == "overall":  # average over categories (each category weighs the same)
-            row = {k: _geomean([cat_rows[c][k] for c in cat_rows]) for k in ("vs_plain", "vs_l3", "vs_l10", "l3", "l10")}
+            row = {k: _geomean([cat_rows[c][k] for c in cat_rows]) for k in pairs}
         else:
-            row = {"vs_plain": _geomean(speedups("auto", "plain", cat)), "vs_l3": _geomean(speedups("auto", "hf_lookup_3", cat)),
-                   "vs_l10": _geomean(speedups("auto", "hf_lookup_10", cat)), "l3": _geomean(speedups("hf_lookup_3", "plain", cat)),
-                   "l10": _geomean(speedups("hf_lookup_10", "plain", cat))}
+            row = {k: _geomean(speedups(a, b, cat)) for k, (a, b) in pairs.items()}
             cat_rows[category] = row
         lines.append(f"| {category} | {aps:.2f} | {tps('plain'):.2f} | {tps('hf_lookup_3'):.2f} | {tps('hf_lookup_10'):.2f} | "
                      f"{tps('auto'):.2f} | {row['vs_plain']:.2f}x | {row['vs_l3']:.2f}x | {row['vs_l10']:.2f}x | "
-                     f"{row['l3']:.2f}x | {row['l10']:.2f}x |")
+                     f"{row['l3']:.2f}x | {row['l10']:.2f}x | {row['kernels']:.2f}x | {row['drafts']:.2f}x |")
     lines += ["", "## Each drafter alone, and fixed trees (ablation prompts only: the first of each category)", "",
               "| method | tokens/step | draft nodes/step | speedup vs plain (geomean over prompts) | same prompts: auto vs plain |",
               "|---|---|---|---|---|"]
     for method in methods:
-        if method in ("plain", "hf_lookup_3", "hf_lookup_10"):
+        if method in ("plain", "hf_lookup_3", "hf_lookup_10", "plain_packed"):
             continue
         sel = [r for r in records if r["method"] == method]
         subset = {r["prompt"] for r in sel}
@@ -316,12 +325,14 @@ def write_report(out_dir: Path, records: list[dict], curves: dict, load_before, 
     steps = sum(r["steps"] for r in records if r["method"] == "auto")
     lines += ["", "Accepted draft tokens per step inside `auto`, by proposing drafter (a token proposed by several counts "
               "for each): " + ", ".join(f"{k} {v / max(steps, 1):.2f}" for k, v in accepted.items()), ""]
-    lines += ["## Cost curve: cost(q new tokens)/cost(1) at 512 context", "",
+    lines += ["## Cost curve: cost(q new tokens)/cost(1) at 512 context, before (stock MKL kernels) and after (packed oneDNN)", "",
               "| q | " + " | ".join(str(q) for q in curves["stock_all_rows"]) + " |",
               "|---|" + "---|" * len(curves["stock_all_rows"]),
-              "| stock (output layer on all q rows) | " + " | ".join(f"{v:.2f}" for v in curves["stock_all_rows"].values()) + " |",
-              "| lazy output layer (2 rows) | " + " | ".join(f"{v:.2f}" for v in curves["lazy_head_2_rows"].values()) + " |",
-              "| lazy output layer (3 rows) | " + " | ".join(f"{v:.2f}" for v in curves["lazy_head_3_rows"].values()) + " |",
-              "", "Body ms: " + json.dumps(curves["body_ms"]), "", "Output layer ms (batched rows): " + json.dumps(curves["head_ms"]), ""]
+              "| before: stock, output layer on all q rows | " + " | ".join(f"{v:.2f}" for v in curves["stock_all_rows"].values()) + " |",
+              "| before: stock, output layer row by row on 2 rows | " + " | ".join(f"{v:.2f}" for v in curves["stock_lazy_head_2_rows"].values()) + " |",
+              "| after: packed, output layer on all q rows | " + " | ".join(f"{v:.2f}" for v in curves["packed_all_rows"].values()) + " |",
+              "", "Body ms, stock: " + json.dumps(curves["body_ms"]), "", "Body ms, packed: " + json.dumps(curves["packed_body_ms"]), "",
+              "Output layer ms (batched rows), stock: " + json.dumps(curves["head_ms"]), "",
+              "Output layer ms (batched rows), packed: " + json.dumps(curves["packed_head_ms"]), ""]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

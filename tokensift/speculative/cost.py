@@ -146,17 +146,18 @@ def measure_cost(model, context: int = 512, sizes=SIZES, head_rows=HEAD_ROWS, re
     return CostModel(body, head, 0.0, context, torch.get_num_threads())
 
 
-def default_cost_path(model) -> Path:
+def default_cost_path(model, kernels: str = "stock") -> Path:
     from tokensift.models import cache_root
 
     config = model.config.get_text_config(decoder=True)
     name = f"{type(model).__name__}-{config.hidden_size}x{config.num_hidden_layers}-v{config.vocab_size}"
-    return cache_root() / "spec" / f"cost-{name}-t{torch.get_num_threads()}.json"
+    return cache_root() / "spec" / f"cost-{name}-t{torch.get_num_threads()}-{kernels}.json"
 
 
-def cost_for(model, path: Path | None = None, refresh: bool = False) -> CostModel:
-    """The cached cost curve of ``model`` at the current thread count (measured once)."""
-    path = path or default_cost_path(model)
+def cost_for(model, path: Path | None = None, refresh: bool = False, kernels: str = "stock") -> CostModel:
+    """The cached cost curve of ``model`` at the current thread count and with the current
+    ``kernels`` (``stock`` or ``packed``: measured as the model runs now), measured once."""
+    path = path or default_cost_path(model, kernels)
     if path.exists() and not refresh:
         try:
             return CostModel.load(path)

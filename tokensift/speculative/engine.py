@@ -23,6 +23,7 @@ from tokensift.generate import choose_next, encode, model_context_length, resolv
 from tokensift.speculative.adaptive import AcceptanceStats, PromptCalibration, choose_size
 from tokensift.speculative.base import Drafter
 from tokensift.speculative.cost import CostModel, cost_for
+from tokensift.kernels import packed_linears
 from tokensift.speculative.tree import CandidateTree, DraftTree
 
 DRAFTER_NAMES = ("recycling", "prompt_lookup", "lookahead", "auto")
@@ -74,12 +75,15 @@ class SpecResult:
 class Speculator:
     """Draft-free speculative decoding with state (drafters, acceptance history) kept across prompts.
 
-    ``adaptive=True``: each step verifies the number of nodes that maximises expected tokens per
+    By default each step verifies the number of nodes that maximises expected tokens per
     measured cost (possibly none); ``fixed_nodes=N``: always the N most likely nodes.
+    ``packed=True``: the model's linear layers run on prepacked oneDNN weights while this
+    speculator generates (see ``kernels``: a few rows cost about what one row costs).
     """
 
     def __init__(self, model, drafter: str | list[Drafter] = "auto", *, cost: CostModel | None = None,
-                 fixed_nodes: int | None = None, max_nodes: int = 63, stats: AcceptanceStats | None = None):
+                 fixed_nodes: int | None = None, max_nodes: int = 63, stats: AcceptanceStats | None = None,
+                 packed: bool = True):
         config = model.config.get_text_config(decoder=True)
         layer_types = getattr(config, "layer_types", None) or []
         if any(kind != "full_attention" for kind in layer_types):
@@ -98,7 +102,8 @@ class Speculator:
         self.head = model.get_output_embeddings()
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.logit_scale = getattr(config, "logit_scale", None)
-        self.lazy_head = True
+        self.packed = packed
+        self.lazy_head = True  # the output layer row by row on visited nodes (stock kernels); see generate
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer on some rows (with the model's logit scale / softcap, if any)."""
@@ -146,9 +151,10 @@ class Speculator:
         out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=tree.position_ids(seen),
                                past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state
+        every_row = None if self.lazy_head else self.logits(hidden)[0].float()
         node, path = 0, [0]
         while True:
-            logits = self.logits(hidden[:, node:node + 1])[:, 0].float()
+            logits = self.logits(hidden[:, node:node + 1])[:, 0].float() if every_row is None else every_row[node:node + 1]
             for drafter in self.drafters:
                 drafter.observe(tree.tokens[node], logits[0])
             token = int(choose_next(logits, temperature, top_p, generator)[0])
@@ -168,10 +174,20 @@ class Speculator:
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
-    def generate(self, tokenizer, prompt, *, policy=None, max_new_tokens: int = 64, temperature: float = 0.0,
-                 top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
-                 on_token: Callable[[int], None] | None = None, cache: SelectingCache | None = None,
-                 prefill_chunk: int | None = None) -> SpecResult:
+    def generate(self, tokenizer, prompt, **options) -> SpecResult:
+        """Generate from ``prompt`` (see ``_generate`` for the options), with packed kernels when
+        asked for and available; with them the output layer runs once over all tree rows (as
+        cheap as one row), without them row by row on the visited nodes."""
+        with packed_linears(self.model, self.packed) as packed:
+            self.lazy_head = not packed
+            if self.cost is None and self.fixed_nodes is None:
+                self.cost = cost_for(self.model, kernels="packed" if packed else "stock")
+            return self._generate(tokenizer, prompt, **options)
+
+    def _generate(self, tokenizer, prompt, *, policy=None, max_new_tokens: int = 64, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+                  on_token: Callable[[int], None] | None = None, cache: SelectingCache | None = None,
+                  prefill_chunk: int | None = None) -> SpecResult:
         policy = resolve_policy(policy)
         ids = encode(tokenizer, prompt)
         if not ids:
@@ -182,8 +198,6 @@ class Speculator:
                 raise TokensiftError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's context of {limit} tokens")
             raise TokensiftError(f"a draft tree of {self.max_nodes} nodes does not fit the model's context of {limit} tokens "
                                  f"after {len(ids)} prompt + {max_new_tokens} new tokens")
-        if self.cost is None and self.fixed_nodes is None:
-            self.cost = cost_for(self.model)
         cache = cache or make_cache(self.model, policy)
         if not isinstance(cache, SelectingCache) or not all(isinstance(l, SelectingLayer) for l in cache.layers):
             raise TokensiftError("speculative decoding needs a tokensift SelectingCache over full-attention layers")
