@@ -278,5 +278,5 @@ class Speculator:
 
 def speculative_generate(model, tokenizer, prompt, *, speculate: str = "auto", **kwargs) -> SpecResult:
     """One-shot convenience: a fresh ``Speculator`` (no state carried across calls)."""
-    options = {k: kwargs.pop(k) for k in ("cost", "fixed_nodes", "max_nodes") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("cost", "fixed_nodes", "max_nodes", "packed") if k in kwargs}
     return Speculator(model, speculate, **options).generate(tokenizer, prompt, **kwargs)
