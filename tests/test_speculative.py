@@ -286,3 +286,20 @@ def test_prompt_calibration_stops_drafts_the_history_oversells(monkeypatch, cali
         assert result.mean_tree_nodes < 0.5  # a few failed trees, then one-node probes only
     else:
         assert result.mean_tree_nodes > 3.5
+
+
+def test_spec_report_ratios_per_category(tmp_path):
+    """The spec report's per-category speedups are same-prompt tokens/s ratios (geometric mean)."""
+    from tokensift.bench.spec_suite import CATEGORIES, write_report
+
+    rates = {"plain": 10.0, "hf_lookup_3": 12.0, "hf_lookup_10": 8.0, "auto": 20.0, "plain_packed": 12.5}
+    records = [{"category": category, "prompt": f"{category}-{i}", "method": method, "steps": 10,
+                "tokens_per_second": rate * (i + 1), "accepted_per_step": 2.0, "identical_to_plain": True}
+               for category in CATEGORIES for i in range(2) for method, rate in rates.items()]
+    curve = {q: 1.0 for q in (1, 2)}
+    curves = {"stock_all_rows": curve, "stock_lazy_head_2_rows": curve, "packed_all_rows": curve,
+              "body_ms": {}, "packed_body_ms": {}, "head_ms": {}, "packed_head_ms": {}}
+    write_report(tmp_path, records, curves, (0, 0, 0), (0, 0, 0), 2, 128, 2)
+    text = (tmp_path / "report.md").read_text()
+    assert "| code | 2.00 | 15.00 | 18.00 | 12.00 | 30.00 | 2.00x | 1.67x | 2.50x | 1.20x | 0.80x | 1.25x | 1.60x |" in text
+    assert "| overall |" in text and "Outputs identical to plain greedy: 40/40 runs." in text
