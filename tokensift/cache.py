@@ -130,6 +130,8 @@ class SelectingLayer(CacheLayerMixin):
         ones exactly as ``mark_new_tokens`` would have marked them all valid, then the unmarked
         ones as ``update`` appends them."""
         pending, unmarked = self._pending, self._unmarked
+        if not pending and not unmarked:
+            return
         self._pending = self._unmarked = 0
         batch, heads = self._valid.shape[:2]
         spare = self.growth_room(pending + unmarked)
@@ -473,10 +475,8 @@ def make_cache(model, policy: Policy) -> SelectingCache:
 def _metadata_can_wait(layer: SelectingLayer, policy: Policy) -> bool:
     """Whether a layer's per-token metadata may be written only when read: a stock layer whose
     policy evicts nothing, reads no subset and observes nothing."""
-    from tokensift.policies.base import Policy as BasePolicy
-
     return (type(layer) is SelectingLayer and not policy.evicts and not policy.needs_attention
-            and not getattr(policy, "reads_subset", False) and type(policy).observe is BasePolicy.observe)
+            and not getattr(policy, "reads_subset", False) and type(policy).observe is Policy.observe)
 
 
 def _is_prefix_view(tensor: torch.Tensor, buffer: torch.Tensor | None) -> bool:
