@@ -158,9 +158,12 @@ def describe_run(rows: list[dict]) -> str:
     first = rows[0]
     samples = sorted({r["samples"] for r in rows if r["task"] in RETRIEVAL_TASKS})
     libraries = sorted({r.get("library", "tokensift") for r in rows})
+    kernels = sorted({r.get("kernels", "stock") for r in rows if r.get("library", "tokensift") == "tokensift"})
+    threads = sorted({r.get("machine", {}).get("threads") for r in rows if r.get("machine", {}).get("threads")})
     return (
         f"Suite `{first.get('suite')}`, seed {first.get('seed')}, samples per retrieval cell {samples}, "
-        f"libraries: {', '.join(libraries)}. Versions: {first.get('versions')}. Machine: {first.get('machine')}.\n\n"
+        f"libraries: {', '.join(libraries)}. Versions: {first.get('versions')}. Machine: {first.get('machine', {}).get('cpu')}, "
+        f"threads per process {threads}; tokensift linear kernels: {', '.join(kernels)}.\n\n"
         "Protocol: query-agnostic = the context is prefilled and compressed first, then the question is "
         "appended and the answer decoded (no further eviction for evict-only policies, as in kvpress); "
         "`budget` = tokens kept per layer and KV head."
