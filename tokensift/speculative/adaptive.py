@@ -64,11 +64,12 @@ class PromptCalibration:
     The acceptance history is shared across prompts, so on a prompt unlike the earlier ones
     (a summary after code) it can promise far more than drafts deliver. Path probabilities are
     multiplied by this ratio, so after a few failed trees the expected gain falls below the
-    cost and the loop decodes plainly; a one-node probe every ``probe_every`` plain steps keeps
-    the ratio current (its cost is at most one 2-token forward in ``probe_every`` steps).
+    cost and the loop decodes plainly; every ``probe_every`` plain steps a probe verifies the tree
+    the uncorrected history would pick, which keeps the ratio current (on a flat cost curve a
+    probe costs little more than the plain step it replaces).
     """
 
-    def __init__(self, decay: float = 0.8, prior_weight: float = 1.0, ceiling: float = 2.0, probe_every: int = 16):
+    def __init__(self, decay: float = 0.8, prior_weight: float = 1.0, ceiling: float = 2.0, probe_every: int = 8):
         self.decay, self.ceiling, self.probe_every = decay, ceiling, probe_every
         self.predicted = self.realized = prior_weight  # prior: the estimates are right
         self.plain_steps = 0

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+MIN_OBSERVATIONS = 3  # real steps of a size before their average replaces the offline curve
 SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
 HEAD_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 
@@ -40,6 +41,7 @@ class CostModel:
     threads: int = 1
     meta: dict = field(default_factory=dict)
     observed: dict = field(default_factory=dict)  # size -> EMA seconds of real decode steps (online)
+    observed_counts: dict = field(default_factory=dict)  # size -> real steps seen
     online: bool = True  # calibrate from real step times (off for synthetic curves: deterministic tests)
 
     def bucket(self, q: int) -> int:
@@ -52,8 +54,15 @@ class CostModel:
         if not self.online:
             return
         size = self.bucket(q)
-        old = self.observed.get(size)
-        self.observed[size] = seconds if old is None else 0.8 * old + 0.2 * seconds
+        count = self.observed_counts.get(size, 0) + 1
+        self.observed_counts[size] = count
+        old = self.observed.get(size, seconds)
+        weight = max(1.0 / count, 0.2)  # a plain mean of the first steps, then a forgetting average
+        self.observed[size] = (1 - weight) * old + weight * seconds
+
+    def trusted(self) -> dict[int, float]:
+        """Observed step seconds of the sizes seen often enough for one slow step not to decide."""
+        return {s: v for s, v in self.observed.items() if self.observed_counts.get(s, 0) >= MIN_OBSERVATIONS}
 
     @property
     def sizes(self) -> list[int]:
@@ -67,13 +76,14 @@ class CostModel:
 
     def relative(self, q: int, rows: float | None = None, speculative: bool = False, lazy: bool = False) -> float:
         rows = q if rows is None else rows
-        if speculative and 1 in self.observed and len(self.observed) > 1:
+        trusted = self.trusted() if speculative else {}
+        if 1 in trusted and len(trusted) > 1:
             size = self.bucket(q)
-            if size in self.observed:
-                return self.observed[size] / self.observed[1]
-            # unvisited size: the offline curve, scaled by how far off it was at the visited ones
-            scales = [self.observed[s] / self.seconds(s, min(s, 2.0), lazy) for s in self.observed if s > 1]
-            scale = sorted(scales)[len(scales) // 2] / (self.observed[1] / self.seconds(1, 1))
+            if size in trusted:
+                return trusted[size] / trusted[1]
+            # a size not measured enough: the offline curve, scaled by how far off it was at the measured ones
+            scales = [trusted[s] / self.seconds(s, min(s, 2.0), lazy) for s in trusted if s > 1]
+            scale = sorted(scales)[len(scales) // 2] / (trusted[1] / self.seconds(1, 1))
             return max(self.seconds(q, rows, lazy) / self.seconds(1, 1) * scale, 1.0)
         extra = self.overhead if speculative and q > 1 else 0.0
         return (self.seconds(q, rows, lazy) + extra) / self.seconds(1, 1)
@@ -91,7 +101,7 @@ class CostModel:
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         data = asdict(self)
-        data["observed"] = {}  # online calibration belongs to a run, not to the machine file
+        data["observed"], data["observed_counts"] = {}, {}  # online calibration belongs to a run, not to the machine file
         path.write_text(json.dumps(data, indent=1))
 
     @classmethod
@@ -100,6 +110,7 @@ class CostModel:
         data["body"] = {int(k): v for k, v in data["body"].items()}
         data["head"] = {int(k): v for k, v in data["head"].items()}
         data["observed"] = {int(k): v for k, v in data.get("observed", {}).items()}
+        data["observed_counts"] = {int(k): v for k, v in data.get("observed_counts", {}).items()}
         return cls(**data)
 
 

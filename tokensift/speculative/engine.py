@@ -129,12 +129,13 @@ class Speculator:
         self._steps = getattr(self, "_steps", 0) + 1
         if self.fixed_nodes is not None:
             chosen = order[: self.fixed_nodes]
-        elif self.cost is not None and self.cost.online and (1 not in self.cost.observed or self._steps % 32 == 0):
+        elif self.cost is not None and self.cost.online and (1 not in self.cost.trusted() or self._steps % 32 == 0):
             chosen = []  # a plain step now and then: the online cost calibration needs its reference time
         else:
             n, _ = choose_size(self.calibration.scaled(probs), self.cost, self.max_nodes, self.lazy_head)
             if n == 0 and order and self.calibration.probe_due():
-                n = 1  # re-measure this prompt's acceptance with the cheapest possible tree
+                # re-measure this prompt's acceptance with the tree the uncorrected history picks
+                n = max(choose_size(probs, self.cost, self.max_nodes, self.lazy_head)[0], 1)
             chosen = order[:n]
         self.predicted = sum(probs[: len(chosen)])
         return tree.subtree(chosen)
