@@ -183,9 +183,9 @@ def _geomean(values):
 
 def run_spec_suite(out_dir: Path) -> None:
     """Run the spec suite; writes results.jsonl, cost_curve.json and report.md into ``out_dir``."""
+    from tokensift.kernels import packed_linears
     from tokensift.models import load_model
     from tokensift.speculative import Speculator, measure_cost
-    from tokensift.kernels import packed_linears
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,10 @@ import torch
 from tokensift.cache import SelectingCache, SelectingLayer, make_cache
 from tokensift.errors import TokensiftError
 from tokensift.generate import choose_next, encode, model_context_length, resolve_policy
+from tokensift.kernels import packed_linears
 from tokensift.speculative.adaptive import AcceptanceStats, PromptCalibration, choose_size
 from tokensift.speculative.base import Drafter
 from tokensift.speculative.cost import CostModel, cost_for
-from tokensift.kernels import packed_linears
 from tokensift.speculative.tree import CandidateTree, DraftTree
 
 DRAFTER_NAMES = ("recycling", "prompt_lookup", "lookahead", "auto")
@@ -181,8 +181,6 @@ class Speculator:
         cheap as one row), without them row by row on the visited nodes."""
         with packed_linears(self.model, self.packed) as packed:
             self.lazy_head = not packed
-            if self.cost is None and self.fixed_nodes is None:
-                self.cost = cost_for(self.model, kernels="packed" if packed else "stock")
             return self._generate(tokenizer, prompt, **options)
 
     def _generate(self, tokenizer, prompt, *, policy=None, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -199,6 +197,8 @@ class Speculator:
                 raise TokensiftError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's context of {limit} tokens")
             raise TokensiftError(f"a draft tree of {self.max_nodes} nodes does not fit the model's context of {limit} tokens "
                                  f"after {len(ids)} prompt + {max_new_tokens} new tokens")
+        if self.cost is None and self.fixed_nodes is None:  # measured once per machine, with the kernels in use
+            self.cost = cost_for(self.model, kernels="stock" if self.lazy_head else "packed")
         cache = cache or make_cache(self.model, policy)
         if not isinstance(cache, SelectingCache) or not all(isinstance(l, SelectingLayer) for l in cache.layers):
             raise TokensiftError("speculative decoding needs a tokensift SelectingCache over full-attention layers")
