@@ -183,27 +183,34 @@ def write_plots(rows: list[dict], out: Path) -> None:
     plot_speed_vs_length(rows, out, plt)
 
 
+LINE_STYLES = ("-", "--", ":", "-.")  # with markers, keep lines apart once the 10 default colors repeat
+
+
 def plot_score_vs_budget(rows, length, out, plt) -> None:
     tasks = [t for t in RETRIEVAL_TASKS if any(r["task"] == t and r["length"] == length for r in rows)]
+    compared = [t for t in tasks if any(r["task"] == t and r["length"] == length and r["policy"] != "full" for r in rows)]
+    tasks = compared or tasks  # tasks run with the full cache only are in the report's table
     if not tasks:
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.6), squeeze=False)
+    labels = len({name_of(r) for r in rows if r["task"] in tasks and r["length"] == length})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks) + 2, max(3.6, 0.14 * labels)), squeeze=False)
     for axis, task in zip(axes[0], tasks):
         sizes, matrix = score_matrix(rows, [task], QUERY_AGNOSTIC, length)
         numeric = [s for s in sizes if s not in ("all",) and not s.startswith("r")]
-        for policy in sorted({p for p, _ in matrix}):
+        for index, policy in enumerate(sorted({p for p, _ in matrix})):
             if policy == "full":
                 axis.axhline(matrix[("full", "all")], color="black", linestyle="--", label="full")
                 continue
             points = [(float(s), matrix[(policy, s)]) for s in numeric if (policy, s) in matrix]
             if points:
-                axis.plot(*zip(*points), marker="o", label=policy)
+                axis.plot(*zip(*points), marker="os^v"[index // 10 % 4], linestyle=LINE_STYLES[index // 10 % 4], label=policy)
         axis.set_xscale("log", base=2)
         axis.set_title(task)
         axis.set_xlabel("budget (tokens per head)")
         axis.set_ylim(-0.05, 1.05)
     axes[0][0].set_ylabel("score")
-    axes[0][-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
+    busiest = max(axes[0], key=lambda axis: len(axis.get_lines()))  # the legend of the panel with every policy
+    axes[0][-1].legend(*busiest.get_legend_handles_labels(), fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     fig.savefig(out / "score_vs_budget.png", dpi=110)
     plt.close(fig)
