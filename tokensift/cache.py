@@ -112,14 +112,14 @@ class SelectingLayer(CacheLayerMixin):
         if self.lazy and self.kept > new:  # metadata waits (a first block is written at once)
             self._unmarked += new
         else:
-            self._append_metadata(batch, heads, new, spare)
+            self._append_metadata(batch, heads, self.seen, new, spare)
         self.seen += new
         _LAST_UPDATED[0] = (self, self.keys)
         return self.keys, self.values
 
-    def _append_metadata(self, batch: int, heads: int, new: int, spare: int) -> None:
-        """Metadata of ``new`` unmarked tokens, the newest ``new`` of ``seen + new``: assumed valid."""
-        positions = torch.arange(self.seen, self.seen + new, device=self.device)
+    def _append_metadata(self, batch: int, heads: int, start: int, new: int, spare: int) -> None:
+        """Metadata of ``new`` unmarked tokens at positions ``start``..: assumed valid."""
+        positions = torch.arange(start, start + new, device=self.device)
         self.positions = self._append("positions", positions.expand(batch, heads, new), spare)
         self.ranks = self._append("ranks", self.ranks.new_zeros(batch, heads, new), spare)
         self.valid = self._append("valid", self.valid.new_ones(batch, heads, new), spare)
@@ -135,16 +135,12 @@ class SelectingLayer(CacheLayerMixin):
         self._pending = self._unmarked = 0
         batch, heads = self._valid.shape[:2]
         spare = self.growth_room(pending + unmarked)
+        start = self.seen - pending - unmarked
         if pending:
-            self.seen -= pending + unmarked
-            self._append_metadata(batch, heads, pending, spare)
-            self.seen += pending
+            self._append_metadata(batch, heads, start, pending, spare)
             self.mark_new_tokens(torch.ones(batch, pending, dtype=torch.bool, device=self.device))
-            self.seen += unmarked
         if unmarked:
-            self.seen -= unmarked
-            self._append_metadata(batch, heads, unmarked, spare)
-            self.seen += unmarked
+            self._append_metadata(batch, heads, start + pending, unmarked, spare)
 
     def growth_room(self, new: int) -> int:
         """Spare token slots to allocate when an append must copy the layer: a few decode steps'
@@ -214,16 +210,17 @@ class SelectingLayer(CacheLayerMixin):
         idx = torch.as_tensor(indices, dtype=torch.long, device=self.device)
         past, count = self.kept - new, int(idx.numel())
         start = self.seen - new
+        step = torch.arange(count, device=self.device)
+        in_order = bool((idx == step).all())  # the path is the first nodes: nothing moves
         if self._pending >= new and not self._unmarked:  # metadata still waits: only K/V to trim
-            self._keep_tail("keys", past, idx)
-            self._keep_tail("values", past, idx)
+            self._keep_tail("keys", past, idx, in_order)
+            self._keep_tail("values", past, idx, in_order)
             self._pending -= new - count
             self.seen = start + count
             return
         if past < 0 or int(self.positions[..., past:].min()) < start:
             raise RuntimeError("cannot roll back: some of the newest tokens were already evicted")
-        step = torch.arange(count, device=self.device)
-        if count < new or not bool((idx == step).all()):  # a plain step keeps its one token: no copy
+        if count < new or not in_order:  # a plain step keeps its one token: no copy
             batch, heads = self.keys.shape[:2]
             keep = torch.cat([torch.arange(past, device=self.device), past + idx])
             self._gather_tokens(keep.expand(batch, heads, -1))
@@ -233,11 +230,11 @@ class SelectingLayer(CacheLayerMixin):
         self.sink[..., past:] = self.valid[..., past:] & (self.ranks[..., past:] < self.policy.n_sink)
         self.seen = start + count
 
-    def _keep_tail(self, name: str, past: int, idx: torch.Tensor) -> None:
+    def _keep_tail(self, name: str, past: int, idx: torch.Tensor, in_order: bool) -> None:
         """``self.<name>`` = its first ``past`` tokens + tokens ``past + idx``, written in place into
         its append buffer when it has one (no copy of the past), else gathered."""
         tensor, count = getattr(self, name), int(idx.numel())
-        if bool((idx == torch.arange(count, device=idx.device)).all()):
+        if in_order:
             setattr(self, name, tensor[:, :, : past + count])  # a prefix: a view (keeps the buffer)
             return
         tail = tensor.index_select(2, past + idx)
@@ -439,6 +436,7 @@ class SelectingCache(Cache):
         Transformers' own full-cache layers are trimmed the same way; sliding-window layers are
         not supported (speculation needs full-attention layers).
         """
+        indices = torch.as_tensor(indices, dtype=torch.long)  # once for every layer
         for layer in self.layers:
             if isinstance(layer, SelectingLayer):
                 layer.keep_new_tokens(new, indices)

@@ -18,6 +18,7 @@ import os
 import platform
 import queue
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -429,11 +430,6 @@ def job_units(job: Job, config: BenchConfig, settings: list[Setting]) -> int:
 
 
 def run_job(job: Job, model, tokenizer, config: BenchConfig, results: Results, settings, progress) -> None:
-    with packed_linears(model, config.kernels == "packed"):
-        _run_job(job, model, tokenizer, config, results, settings, progress)
-
-
-def _run_job(job: Job, model, tokenizer, config: BenchConfig, results: Results, settings, progress) -> None:
     chosen = job_settings(job, config, settings)
     if job.task == "ppl":
         run_ppl(model, tokenizer, config, results, chosen, progress)
@@ -441,6 +437,11 @@ def _run_job(job: Job, model, tokenizer, config: BenchConfig, results: Results, 
         run_fidelity(model, tokenizer, config, results, job.length, chosen, progress)
     else:
         run_retrieval(model, tokenizer, config, results, job.task, job.protocol, job.length, chosen, progress)
+
+
+def chosen_kernels(model, config: BenchConfig):
+    """The linear kernels ``config`` asks for, for the ``with`` block that runs jobs on ``model``."""
+    return packed_linears(model, config.kernels == "packed") if model is not None else nullcontext()
 
 
 def worker_main(fields: dict, out: str, todo, reports, threads: int) -> None:
@@ -452,10 +453,11 @@ def worker_main(fields: dict, out: str, todo, reports, threads: int) -> None:
         config = BenchConfig(**fields)
         model, tokenizer = load_model(config.model)
         results, settings = Results(Path(out) / "results.jsonl"), settings_for(config)
-        for job in iter(todo.get, None):
-            started = time.perf_counter()
-            run_job(job, model, tokenizer, config, results, settings, lambda n: reports.put(("units", n)))
-            reports.put(("job", f"{job.label} done in {time.perf_counter() - started:.0f} s"))
+        with chosen_kernels(model, config):
+            for job in iter(todo.get, None):
+                started = time.perf_counter()
+                run_job(job, model, tokenizer, config, results, settings, lambda n: reports.put(("units", n)))
+                reports.put(("job", f"{job.label} done in {time.perf_counter() - started:.0f} s"))
     except Exception as error:  # noqa: BLE001  (reported to the parent, which stops the run)
         reports.put(("error", f"{type(error).__name__}: {error}"))
         return
@@ -535,15 +537,14 @@ def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, worker
             jobs = []
         if model is None and (jobs or cost_units(config, settings)):
             model, tokenizer = load_model(config.model)
-        for job in jobs:
-            bar.update(handle, description=job.label)
-            run_job(job, model, tokenizer, config, results, settings, advance)
-            note(f"{job.label} done")
-        if "cost" in config.tasks:
-            for length in config.cost_lengths:
+        with chosen_kernels(model, config):
+            for job in jobs:
+                bar.update(handle, description=job.label)
+                run_job(job, model, tokenizer, config, results, settings, advance)
+                note(f"{job.label} done")
+            for length in config.cost_lengths if "cost" in config.tasks else []:
                 bar.update(handle, description=f"cost {length}")
-                with packed_linears(model, config.kernels == "packed"):
-                    run_cost(model, tokenizer, config, results, length, settings, advance)
+                run_cost(model, tokenizer, config, results, length, settings, advance)
                 note(f"cost {length} done")
     write_report(out)
     console.print(f"results: {out / 'results.jsonl'}  report: {out / 'report.md'}")
