@@ -1,8 +1,10 @@
 """tokensift: decide which tokens matter during transformer inference, training-free.
 
 The main entry points are importable from the package (loaded lazily, so ``import tokensift``
-stays cheap): ``load_model``, ``build_policy``, ``make_cache``. (``tokensift.generate`` is the
-module; its function is ``tokensift.generate.generate``.)
+stays cheap): ``load_model``, ``build_policy``, ``make_cache``, ``apply`` (a context manager
+around ``model.generate``) and ``TokensiftPipeline`` (the ``"tokensift-generation"`` pipeline,
+registered when ``tokensift.integration`` is imported). (``tokensift.generate`` is the module;
+its function is ``tokensift.generate.generate``.)
 """
 
 from importlib import import_module
@@ -15,6 +17,8 @@ _LAZY = {
     "load_model": "tokensift.models",
     "build_policy": "tokensift.policies",
     "make_cache": "tokensift.cache",
+    "apply": "tokensift.integration",
+    "TokensiftPipeline": "tokensift.integration",
 }
 
 __all__ = ["TokensiftError", "__version__", *_LAZY]

@@ -43,6 +43,25 @@ def policies() -> None:
     Console().print(table)
 
 
+DEVICE_HELP = "cpu (default), cuda, cuda:N, mps or auto."
+DTYPE_HELP = "float32 (default, the exact reference), bfloat16 or float16."
+
+
+def text_printer(tokenizer):
+    """``(on_token, finish)`` that print generated text as it comes, never splitting a character."""
+    from tokensift.streaming import IncrementalText
+
+    text = IncrementalText(tokenizer)
+
+    def on_token(token: int) -> None:
+        print(text.push(token), end="", flush=True)
+
+    def finish() -> None:
+        print(text.flush())
+
+    return on_token, finish
+
+
 def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     if (prompt is None) == (prompt_file is None):
         raise TokensiftError("give exactly one of --prompt TEXT or --prompt-file FILE")
@@ -59,6 +78,8 @@ def generate(
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from a file."),
     question: Optional[str] = typer.Option(None, "--question", help="Appended after the prompt is compressed (query-agnostic)."),
     model: Optional[str] = typer.Option(None, "--model", help="smollm2 (default), gemma3, a .gguf, a folder or a hub id."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
     policy: str = typer.Option("full", "--policy", help="Policy name (see `tokensift policies`)."),
     budget: Optional[int] = typer.Option(None, "--budget", help="Tokens kept per layer and KV head."),
     ratio: Optional[float] = typer.Option(None, "--ratio", help="Fraction of tokens kept (0-1)."),
@@ -98,14 +119,14 @@ def generate(
     elif tree_nodes is not None or spec_state is not None:
         raise TokensiftError("--tree-nodes and --spec-state need --speculate")
     text = read_prompt(prompt, prompt_file)
-    model_obj, tokenizer = load_model(model)
+    model_obj, tokenizer = load_model(model, device=device, dtype=dtype)
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    stream = None if as_json else (lambda token: print(tokenizer.decode([token]), end="", flush=True))
+    stream, finish = (None, None) if as_json else text_printer(tokenizer)
     if speculate is not None:
         run_speculative(model_obj, tokenizer, text, speculate, tree_nodes, spec_state, chosen, as_json, stream,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        prefill_chunk=prefill_chunk)
+                        prefill_chunk=prefill_chunk, finish=finish)
         return
     result = run_generate(
         model_obj, tokenizer, text, policy=chosen, question=question, max_new_tokens=max_new_tokens,
@@ -114,7 +135,7 @@ def generate(
     if as_json:
         print(json.dumps(result.as_dict()))
         return
-    print()
+    finish()
     console.print(
         f"[dim]{result.policy}: {result.prompt_tokens} prompt + {result.new_tokens} new tokens, "
         f"KV {result.kv_bytes / 2**20:.1f} MiB of {result.kv_bytes_full / 2**20:.1f} MiB full, "
@@ -122,7 +143,8 @@ def generate(
     )
 
 
-def run_speculative(model_obj, tokenizer, text, speculate, tree_nodes, spec_state, policy, as_json, stream, **options):
+def run_speculative(model_obj, tokenizer, text, speculate, tree_nodes, spec_state, policy, as_json, stream,
+                    finish=None, **options):
     """``generate --speculate``: lossless speculative decoding under any cache policy."""
     from tokensift.speculative import Speculator
     from tokensift.speculative.recycling import Recycling
@@ -140,7 +162,8 @@ def run_speculative(model_obj, tokenizer, text, speculate, tree_nodes, spec_stat
     if as_json:
         print(json.dumps(result.as_dict()))
         return
-    print()
+    if finish is not None:
+        finish()
     console.print(
         f"[dim]{result.drafter} on {result.policy}: {result.prompt_tokens} prompt + {result.new_tokens} new tokens in "
         f"{result.steps} steps ({result.accepted_per_step:.2f} tokens/step, {result.mean_tree_nodes:.1f} draft nodes/step), "
@@ -153,11 +176,13 @@ def demo(
     budget: int = typer.Option(512, "--budget"),
     length: int = typer.Option(4096, "--length", help="Context length in tokens."),
     samples: int = typer.Option(3, "--samples", help="Needle prompts (different depths)."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Needle in a haystack at ~4k tokens: full cache vs policies at a budget, query-agnostic."""
     from tokensift.demo import run_demo
 
-    run_demo(budget=budget, length=length, samples=samples)
+    run_demo(budget=budget, length=length, samples=samples, device=device, dtype=dtype)
 
 
 def top_level_items(value: str) -> list[str]:

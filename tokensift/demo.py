@@ -28,12 +28,12 @@ def demo_policies(budget: int):
     return [build_policy("full"), *evicting, build_policy("zipcache", hi_bits=8, lo_bits=4)]
 
 
-def run_demo(budget: int = 512, length: int = 4096, samples: int = 3, seed: int = 0) -> list[dict]:
-    """Run the demo, print a table, and return its rows."""
+def run_demo(budget: int = 512, length: int = 4096, samples: int = 3, seed: int = 0, device=None, dtype=None) -> list[dict]:
+    """Run the demo (on ``device``, in ``dtype``: see ``load_model``), print a table, and return its rows."""
     console = Console()
     torch.manual_seed(seed)
     with console.status("loading the embedded model (SmolLM2-135M-Instruct)..."):
-        model, tokenizer = load_model()
+        model, tokenizer = load_model(device=device, dtype=dtype)
     task = get_task("niah")
     instances = [task.build(tokenizer, length, i, seed, QUERY_AGNOSTIC) for i in range(samples)]
     rows, policies = [], demo_policies(budget)

@@ -1,5 +1,6 @@
 """One decode loop: (chunked) prefill under a policy, optional question after compression,
-greedy or sampled decoding, and a record of what was kept and what it cost.
+greedy or sampled decoding (temperature, top-k, top-p, repetition penalty, stop strings; or a
+transformers ``GenerationConfig``), streaming, and a record of what was kept and what it cost.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from tokensift.cache import SelectingCache, make_cache
+from tokensift.devices import clock, model_device
 from tokensift.errors import TokensiftError
 from tokensift.policies import Policy, build_policy
 
@@ -53,8 +55,8 @@ def encode(tokenizer, text_or_ids, add_special_tokens: bool = True) -> list[int]
     return list(text_or_ids)
 
 
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack token lists into ``[batch, longest]`` ids and mask, padding on the left."""
+def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack token lists into ``[batch, longest]`` ids and mask, padding on the left (on ``device``)."""
     longest = max(len(seq) for seq in sequences)
     ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), longest), dtype=torch.long)
@@ -62,7 +64,7 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Ten
         if seq:
             ids[row, longest - len(seq):] = torch.tensor(seq, dtype=torch.long)
             mask[row, longest - len(seq):] = 1
-    return ids, mask
+    return ids.to(device), mask.to(device)
 
 
 class Decoder:
@@ -96,11 +98,61 @@ class Decoder:
         return logits
 
 
-def choose_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """Greedy when ``temperature == 0``, else temperature + nucleus sampling."""
+@dataclass
+class Sampling:
+    """How the next token is chosen and when a sequence stops (``generate``'s settings)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0  # 1 = off
+    stop_strings: tuple[str, ...] = ()
+    eos_token_ids: tuple[int, ...] | None = None  # None: the tokenizer's
+
+
+def sampling_from_config(config, default_max_new_tokens: int = 64) -> Sampling:
+    """A transformers ``GenerationConfig`` -> :class:`Sampling` (unset fields take transformers'
+    defaults: greedy unless ``do_sample``, then temperature 1, top-k 50, top-p 1)."""
+    if (getattr(config, "num_beams", None) or 1) > 1:
+        raise TokensiftError("beam search (num_beams > 1) is not supported; use greedy or sampling")
+    sample = bool(config.do_sample)
+    stops = config.stop_strings or ()
+    eos = config.eos_token_id
+    return Sampling(
+        max_new_tokens=config.max_new_tokens if config.max_new_tokens is not None else default_max_new_tokens,
+        temperature=(config.temperature if config.temperature is not None else 1.0) if sample else 0.0,
+        top_p=(config.top_p if config.top_p is not None else 1.0) if sample else 1.0,
+        top_k=(config.top_k if config.top_k is not None else 50) if sample else 0,
+        repetition_penalty=config.repetition_penalty if config.repetition_penalty is not None else 1.0,
+        stop_strings=(stops,) if isinstance(stops, str) else tuple(stops),
+        eos_token_ids=None if eos is None else tuple(eos if isinstance(eos, (list, tuple)) else [eos]),
+    )
+
+
+def penalize_repeats(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' repetition penalty: the logits of ``seen`` tokens (``[batch, vocab]`` bool)
+    divided by ``penalty`` when positive, multiplied when negative."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def keep_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Logits outside each row's ``top_k`` largest set to -inf (0 or >= vocab: unchanged)."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    threshold = logits.topk(top_k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < threshold, float("-inf"))
+
+
+def choose_next(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator,
+                top_k: int = 0) -> torch.Tensor:
+    """Greedy when ``temperature == 0``, else temperature + top-k + nucleus sampling."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax(keep_top_k(logits / temperature, top_k), dim=-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
@@ -125,6 +177,27 @@ def check_length(model, prompt_len: int, max_new_tokens: int) -> None:
         )
 
 
+def seen_tokens(sequences: Sequence[Sequence[int]], vocab: int, device) -> torch.Tensor:
+    """``[batch, vocab]`` bool: which token ids each sequence holds (for the repetition penalty)."""
+    seen = torch.zeros(len(sequences), vocab, dtype=torch.bool, device=device)
+    for row, seq in enumerate(sequences):
+        if seq:
+            seen[row, torch.tensor(list(seq), dtype=torch.long, device=device)] = True
+    return seen
+
+
+def hits_stop_string(tokenizer, ids: list[int], stops: Sequence[str]) -> bool:
+    """Whether the decoded ``ids`` contain one of ``stops``."""
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    return any(stop in text for stop in stops)
+
+
+def stream_prompt(streamer, ids: list[int]) -> None:
+    """Hand the prompt to a transformers streamer first, as ``model.generate`` does."""
+    if streamer is not None:
+        streamer.put(torch.tensor([ids], dtype=torch.long))
+
+
 @torch.inference_mode()
 def generate(
     model,
@@ -136,6 +209,11 @@ def generate(
     max_new_tokens: int = 64,
     temperature: float = 0.0,
     top_p: float = 1.0,
+    top_k: int = 0,
+    repetition_penalty: float = 1.0,
+    stop_strings: Sequence[str] = (),
+    generation_config=None,
+    streamer=None,
     seed: int = 0,
     prefill_chunk: int | None = None,
     stop_at_eos: bool = True,
@@ -146,46 +224,74 @@ def generate(
 
     ``question`` (same shape as ``prompt``) is appended *after* the prompt has been prefilled
     and compressed, so the selection cannot see it (the query-agnostic protocol).
+    ``generation_config`` (a transformers ``GenerationConfig``), when given, replaces
+    ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k``, ``repetition_penalty`` and
+    ``stop_strings`` (its ``eos_token_id`` too, when set). A sequence stops after the token that
+    completes a stop string (the string is kept in the text, as in transformers).
+    ``streamer``: a transformers ``TextStreamer``/``TextIteratorStreamer`` (batch of one).
     """
     policy = resolve_policy(policy)
+    sampling = (sampling_from_config(generation_config, max_new_tokens) if generation_config is not None else
+                Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, tuple(stop_strings)))
     prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
     contexts = [encode(tokenizer, p) for p in prompts]
     questions = None
     if question is not None:
         question = question if len(prompts) > 1 else [question]
         questions = [encode(tokenizer, q, add_special_tokens=False) for q in question]
+    if streamer is not None and len(contexts) > 1:
+        raise TokensiftError("a streamer takes one prompt at a time (got a batch)")
+    full_prompts = [c + q for c, q in zip(contexts, questions)] if questions else contexts
     prompt_len = max(len(c) for c in contexts) + (max(len(q) for q in questions) if questions else 0)
-    check_length(model, prompt_len, max_new_tokens)
+    check_length(model, prompt_len, sampling.max_new_tokens)
     cache = cache or make_cache(model, policy)
     decoder = Decoder(model, cache)
-    generator = torch.Generator().manual_seed(seed)
+    device = model_device(model)
+    generator = torch.Generator(device=device).manual_seed(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    eos_ids = sampling.eos_token_ids
+    if eos_ids is None:
+        eos_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+    eos = torch.tensor(eos_ids if stop_at_eos else (), dtype=torch.long, device=device)
+    stream_prompt(streamer, full_prompts[0])
 
-    start = time.perf_counter()
-    logits = decoder.prefill(*left_pad(contexts, pad_id), prefill_chunk)
+    start = clock(device)
+    logits = decoder.prefill(*left_pad(contexts, pad_id, device), prefill_chunk)
     if questions:
-        logits = decoder.forward(*left_pad(questions, pad_id))
-    prefill_seconds = time.perf_counter() - start
+        logits = decoder.forward(*left_pad(questions, pad_id, device))
+    prefill_seconds = clock(device) - start
 
     batch = len(contexts)
-    finished = torch.zeros(batch, dtype=torch.bool)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    seen = seen_tokens(full_prompts, logits.shape[-1], device) if sampling.repetition_penalty != 1.0 else None
     outputs: list[list[int]] = [[] for _ in range(batch)]
-    decode_start = time.perf_counter()
-    for step in range(max_new_tokens):
+    decode_start = clock(device)
+    for step in range(sampling.max_new_tokens):
         if step > 0:
-            logits = decoder.forward(next_ids[:, None], torch.ones(batch, 1, dtype=torch.long))
-        next_ids = choose_next(logits, temperature, top_p, generator)
+            logits = decoder.forward(next_ids[:, None], torch.ones(batch, 1, dtype=torch.long, device=device))
+        if seen is not None:
+            logits = penalize_repeats(logits, seen, sampling.repetition_penalty)
+        next_ids = choose_next(logits, sampling.temperature, sampling.top_p, generator, sampling.top_k)
         next_ids = torch.where(finished, torch.full_like(next_ids, pad_id), next_ids)
+        if seen is not None:
+            seen[torch.arange(batch, device=device), next_ids] |= ~finished
+        chosen, done = next_ids.tolist(), finished.tolist()
         for row in range(batch):
-            if not finished[row]:
-                outputs[row].append(int(next_ids[row]))
+            if not done[row]:
+                outputs[row].append(chosen[row])
         if on_token is not None and batch == 1:
-            on_token(int(next_ids[0]))
-        if stop_at_eos and tokenizer.eos_token_id is not None:
-            finished |= next_ids == tokenizer.eos_token_id
-            if bool(finished.all()):
-                break
-    decode_seconds = time.perf_counter() - decode_start
+            on_token(chosen[0])
+        if streamer is not None:
+            streamer.put(next_ids.cpu())
+        finished |= torch.isin(next_ids, eos)
+        if sampling.stop_strings:
+            hits = [not done[row] and hits_stop_string(tokenizer, outputs[row], sampling.stop_strings) for row in range(batch)]
+            finished |= torch.tensor(hits, dtype=torch.bool, device=device)
+        if bool(finished.all()):
+            break
+    decode_seconds = clock(device) - decode_start
+    if streamer is not None:
+        streamer.end()
     new_tokens = max(len(o) for o in outputs)
     return GenerationResult(
         text=[tokenizer.decode(o, skip_special_tokens=True) for o in outputs],

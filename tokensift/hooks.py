@@ -25,9 +25,21 @@ def _record_input_ids(module, args, kwargs):
     return None
 
 
-def install_input_ids_hook(model) -> None:
-    """Record each forward's input ids in its selecting cache (installed once per model)."""
-    if getattr(model, HOOK_FLAG, False):
-        return
-    model.register_forward_pre_hook(_record_input_ids, with_kwargs=True)
-    object.__setattr__(model, HOOK_FLAG, True)
+def install_input_ids_hook(model) -> bool:
+    """Record each forward's input ids in its selecting cache (installed once per model).
+
+    Returns True when this call installed it (False: it was already there).
+    """
+    if getattr(model, HOOK_FLAG, None) is not None:
+        return False
+    handle = model.register_forward_pre_hook(_record_input_ids, with_kwargs=True)
+    object.__setattr__(model, HOOK_FLAG, handle)
+    return True
+
+
+def remove_input_ids_hook(model) -> None:
+    """Remove the hook :func:`install_input_ids_hook` installed (no-op when there is none)."""
+    handle = getattr(model, HOOK_FLAG, None)
+    if handle is not None:
+        handle.remove()
+        object.__delattr__(model, HOOK_FLAG)

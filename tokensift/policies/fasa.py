@@ -100,14 +100,15 @@ def chunk_agreement(query: torch.Tensor, keys: torch.Tensor, top_fraction: float
     r, dim = query.shape
     n = keys.shape[0]
     half = dim // 2
-    visible = torch.arange(n)[None, :] <= torch.arange(n - r, n)[:, None]  # [r, n] causal
+    device = query.device
+    visible = torch.arange(n, device=device)[None, :] <= torch.arange(n - r, n, device=device)[:, None]  # [r, n] causal
     product = query[:, None, :] * keys[None, :, :]  # [r, n, dim]
     partial = (product[..., :half] + product[..., half:]).permute(0, 2, 1)  # [r, chunks, n]
     full = product.sum(-1)  # [r, n]
     k = max(1, int(top_fraction * n))
     full_top = full.masked_fill(~visible, float("-inf")).topk(k, dim=-1).indices
     chunk_top = partial.masked_fill(~visible[:, None, :], float("-inf")).topk(k, dim=-1).indices
-    in_full = torch.zeros(r, n, dtype=torch.bool).scatter_(-1, full_top, True)
+    in_full = torch.zeros(r, n, dtype=torch.bool, device=device).scatter_(-1, full_top, True)
     hits = in_full[:, None, :].expand(-1, half, -1).gather(-1, chunk_top)
     return hits.float().mean(dim=(0, 2))
 
@@ -159,7 +160,7 @@ def calibrate(model, policy: FASA) -> dict[int, torch.Tensor]:
     from tokensift.cache import make_cache
     from tokensift.policies.registry import build_policy
 
-    ids = calibration_ids(model, policy.calib_tokens)
+    ids = calibration_ids(model, policy.calib_tokens).to(next(model.parameters()).device)
     cache = make_cache(model, build_policy("full"))
     recorded: dict = {}
     cache.shared["record_queries"] = recorded
@@ -174,6 +175,6 @@ def calibrate(model, policy: FASA) -> dict[int, torch.Tensor]:
         for head in range(query.shape[0]):
             agreement = chunk_agreement(query[head, -rows:], keys[head // groups], policy.top_fraction)
             chosen.append(agreement.topk(min(policy.chunks, agreement.numel())).indices.sort().values)
-        table[layer.layer_idx] = torch.stack(chosen)
+        table[layer.layer_idx] = torch.stack(chosen).cpu()  # the cached file loads on any machine
     return table
 

@@ -10,11 +10,12 @@ machine. The costs are relative: ``relative(1, 1) == 1`` is one plain decoding s
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+
+from tokensift.devices import clock, model_device
 
 MIN_OBSERVATIONS = 3  # real steps of a size before their average replaces the offline curve
 SIZES = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 48, 64)
@@ -126,17 +127,18 @@ def measure_cost(model, context: int = 512, sizes=SIZES, head_rows=HEAD_ROWS, re
     from tokensift.speculative.tree import DraftTree
 
     config = model.config.get_text_config(decoder=True)
+    device = model_device(model)
     cache = make_cache(model, build_policy("full"))
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, config.vocab_size, (1, context + max(sizes)), generator=generator)
+    ids = torch.randint(10, config.vocab_size, (1, context + max(sizes)), generator=generator).to(device)
     model.model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
     head_layer = model.get_output_embeddings()
-    hidden = torch.randn(1, max(head_rows), config.hidden_size)
+    hidden = torch.randn(1, max(head_rows), config.hidden_size).to(device, head_layer.weight.dtype)
     jobs = {}
     for q in sizes:
         tree = DraftTree.chain(int(ids[0, context]), ids[0, context + 1:context + q].tolist())
-        mask = tree.attention_mask(context) if q > 1 else None
-        positions = tree.position_ids(context)
+        mask = tree.attention_mask(context, device) if q > 1 else None
+        positions = tree.position_ids(context, device)
 
         def run(q=q, mask=mask, positions=positions):
             model.model(input_ids=ids[:, context:context + q], attention_mask=mask, position_ids=positions,
@@ -149,9 +151,9 @@ def measure_cost(model, context: int = 512, sizes=SIZES, head_rows=HEAD_ROWS, re
     best = {key: float("inf") for key in jobs}
     for _ in range(repeats + 1):  # the first round warms up
         for key, job in jobs.items():
-            start = time.perf_counter()
+            start = clock(device)
             job()
-            best[key] = min(best[key], time.perf_counter() - start)
+            best[key] = min(best[key], clock(device) - start)
     body = {q: best[("body", q)] for q in sizes}
     head = {rows: best[("head", rows)] for rows in head_rows}
     return CostModel(body, head, 0.0, context, torch.get_num_threads())
@@ -162,6 +164,9 @@ def default_cost_path(model, kernels: str = "stock") -> Path:
 
     config = model.config.get_text_config(decoder=True)
     name = f"{type(model).__name__}-{config.hidden_size}x{config.num_hidden_layers}-v{config.vocab_size}"
+    weight = next(model.parameters())
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:  # a curve per device and dtype
+        name += f"-{weight.device.type}-{str(weight.dtype).removeprefix('torch.')}"
     return cache_root() / "spec" / f"cost-{name}-t{torch.get_num_threads()}-{kernels}.json"
 
 

@@ -11,13 +11,13 @@ share of the transformer body.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from tokensift.cache import SelectingCache, SelectingLayer, make_cache
+from tokensift.devices import clock, model_device
 from tokensift.errors import TokensiftError
 from tokensift.generate import choose_next, encode, model_context_length, resolve_policy
 from tokensift.kernels import packed_linears
@@ -146,10 +146,11 @@ class Speculator:
         """One forward over the tree; returns (accepted node indices incl. the root, next token)."""
         q = len(tree)
         seen = cache.get_seq_length()
-        ids = torch.tensor([tree.tokens], dtype=torch.long)
-        mask = tree.attention_mask(seen) if q > 1 else None
+        device = model_device(self.model)
+        ids = torch.tensor([tree.tokens], dtype=torch.long, device=device)
+        mask = tree.attention_mask(seen, device) if q > 1 else None
         cache.set_defer_eviction(True)
-        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=tree.position_ids(seen),
+        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=tree.position_ids(seen, device),
                                past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state
         every_row = None if self.lazy_head else self.logits(hidden)[0].float()
@@ -202,32 +203,34 @@ class Speculator:
         cache = cache or make_cache(self.model, policy)
         if not isinstance(cache, SelectingCache) or not all(isinstance(l, SelectingLayer) for l in cache.layers):
             raise TokensiftError("speculative decoding needs a tokensift SelectingCache over full-attention layers")
-        generator = torch.Generator().manual_seed(seed)
+        device = model_device(self.model)
+        generator = torch.Generator(device=device).manual_seed(seed)
         eos = tokenizer.eos_token_id if stop_at_eos else None
 
-        start = time.perf_counter()
+        start = clock(device)
         step = prefill_chunk or max(len(ids) - 1, 1)
         for begin in range(0, len(ids) - 1, step):
             chunk = ids[begin:min(begin + step, len(ids) - 1)]
-            self.model.model(input_ids=torch.tensor([chunk]), position_ids=torch.arange(begin, begin + len(chunk))[None],
+            self.model.model(input_ids=torch.tensor([chunk], device=device),
+                             position_ids=torch.arange(begin, begin + len(chunk), device=device)[None],
                              past_key_values=cache, use_cache=True)
         context = list(ids)
         self.calibration = PromptCalibration()
         for drafter in self.drafters:
             drafter.begin(context)
-        prefill_seconds = time.perf_counter() - start
+        prefill_seconds = clock(device) - start
 
-        decode_start = time.perf_counter()
+        decode_start = clock(device)
         output: list[int] = []
         steps, nodes = 0, 0
         accepted_by = {d.name: 0 for d in self.drafters}
         overhead = 0.0
         while len(output) < max_new_tokens:
-            t0 = time.perf_counter()
+            t0 = clock(device)
             tree = self.draft(context)
-            t1 = time.perf_counter()
+            t1 = clock(device)
             path, token = self.verify(tree, cache, temperature, top_p, generator)
-            t2 = time.perf_counter()
+            t2 = clock(device)
             steps += 1
             nodes += len(tree) - 1
             if len(tree) > 1:
@@ -247,13 +250,13 @@ class Speculator:
                 for t in new:
                     on_token(t)
             if self.cost is not None and self.cost.online:
-                self.cost.observe(len(tree), time.perf_counter() - t0)
+                self.cost.observe(len(tree), clock(device) - t0)
                 if len(tree) > 1:
-                    overhead = 0.9 * overhead + 0.1 * ((t1 - t0) + (time.perf_counter() - t2))
+                    overhead = 0.9 * overhead + 0.1 * ((t1 - t0) + (clock(device) - t2))
                     self.cost.overhead = overhead
             if eos is not None and new and new[-1] == eos:
                 break
-        decode_seconds = time.perf_counter() - decode_start
+        decode_seconds = clock(device) - decode_start
         for drafter in self.drafters:
             drafter.end(context)
         return SpecResult(

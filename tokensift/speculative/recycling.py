@@ -64,7 +64,7 @@ class Recycling(Drafter):
 
     def observe(self, token, logits):
         top = torch.topk(logits, self.k).indices
-        self.adjacency[token] = top.numpy().astype(np.int32)
+        self.adjacency[token] = top.cpu().numpy().astype(np.int32)
 
     def save(self, path: Path) -> None:
         path = Path(path)

@@ -108,12 +108,12 @@ class DraftTree:
             visible[index] |= visible[self.parents[index]]
         return visible
 
-    def attention_mask(self, past: int) -> torch.Tensor:
-        """``[1, 1, q, past + q]`` bool: the whole cached past plus the tree part."""
+    def attention_mask(self, past: int, device=None) -> torch.Tensor:
+        """``[1, 1, q, past + q]`` bool (on ``device``): the whole cached past plus the tree part."""
         size = len(self.tokens)
-        mask = torch.ones(1, 1, size, past + size, dtype=torch.bool)
-        mask[0, 0, :, past:] = self.ancestors()
+        mask = torch.ones(1, 1, size, past + size, dtype=torch.bool, device=device)
+        mask[0, 0, :, past:] = self.ancestors().to(device)
         return mask
 
-    def position_ids(self, start: int) -> torch.Tensor:
-        return torch.tensor([[start + depth for depth in self.depths]], dtype=torch.long)
+    def position_ids(self, start: int, device=None) -> torch.Tensor:
+        return torch.tensor([[start + depth for depth in self.depths]], dtype=torch.long, device=device)
