@@ -280,6 +280,9 @@ def compare_kvpress_command(
 
 def register_optional_commands() -> None:
     """Commands that live with their feature (vision, bench), when present."""
+    from tokensift.serve.command import register as register_serve
+
+    register_serve(app)
     try:
         from tokensift.vision.cli import register as register_vision
     except ImportError:

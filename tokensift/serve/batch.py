@@ -1,0 +1,99 @@
+"""Continuous batching on the selecting cache: stack rows of several caches into one left-padded
+batch (a request joining), or keep some rows of one (requests leaving).
+
+A row's real tokens always end at the batch's last position (decode steps add one token to
+every row), so a row of ``valid_seen`` real tokens occupies the last ``valid_seen`` positions of
+the padded sequence. Repacking strips each row's padding slots, re-pads every row on the left to
+the longest, and shifts stored positions so the new padded sequence is ``max(valid_seen)`` long:
+the result is the state a left-padded batch of those rows would have had. Only caches whose
+layers are plain :class:`SelectingLayer` with no per-batch policy state can be repacked (see
+:func:`mergeable`); the others run as their own batch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokensift.cache import PER_SEQUENCE, SelectingCache, SelectingLayer, make_cache
+
+
+def mergeable(cache: SelectingCache) -> bool:
+    """Whether rows of ``cache`` can move between batches: every layer a plain selecting layer,
+    no per-batch policy state (queries kept by SnapKV, sparse selections...), and a budget that
+    does not depend on the batch (a ``ratio`` budget follows the longest row)."""
+    policy = cache.policy
+    if getattr(policy, "ratio", None) is not None or getattr(policy, "reads_subset", False):
+        return False
+    if set(cache.shared) - {"input_ids"}:
+        return False
+    return all(type(layer) is SelectingLayer and not layer.state for layer in cache.layers)
+
+
+def row_lengths(cache: SelectingCache) -> list[int]:
+    """Real tokens seen by each row."""
+    return [int(n) for n in cache.selecting_layers[0].valid_seen]
+
+
+def padding_mask(lengths: list[int]) -> torch.Tensor:
+    """The ``[batch, max(lengths)]`` attention mask of right-aligned rows."""
+    longest = max(lengths)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
+    for row, length in enumerate(lengths):
+        mask[row, longest - length:] = 1
+    return mask
+
+
+def repack(model, policy, rows: list[tuple[SelectingCache, int]]) -> SelectingCache:
+    """A new cache (under ``policy``) holding the given ``(cache, row)`` pairs, in that order."""
+    for cache in {id(c): c for c, _ in rows}.values():
+        for layer in cache.selecting_layers:
+            layer.materialize()
+    lengths = [int(cache.selecting_layers[0].valid_seen[row]) for cache, row in rows]
+    seen = max(lengths)
+    merged = make_cache(model, policy)
+    for index, layer in enumerate(merged.layers):
+        sources = [(cache.layers[index], row) for cache, row in rows]
+        _fill_layer(layer, sources, lengths, seen)
+    return merged
+
+
+def _row_slots(layer: SelectingLayer, row: int) -> torch.Tensor:
+    """Indices of the row's slots that hold a real token in at least one KV head."""
+    return layer.valid[row].any(dim=0).nonzero().flatten()
+
+
+def _fill_layer(target: SelectingLayer, sources: list[tuple[SelectingLayer, int]], lengths: list[int], seen: int) -> None:
+    slots = [_row_slots(layer, row) for layer, row in sources]
+    width = max(int(s.numel()) for s in slots)
+    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in PER_SEQUENCE if name != "valid_seen"}
+    state_names = set().union(*(layer.token_state for layer, _ in sources))
+    states: dict[str, list[torch.Tensor]] = {name: [] for name in state_names}
+    for (layer, row), keep, length in zip(sources, slots, lengths):
+        pad = width - int(keep.numel())
+        shift = (seen - length) - (layer.seen - int(layer.valid_seen[row]))
+        for name in pieces:
+            tensor = getattr(layer, name)[row:row + 1].index_select(2, keep)
+            if name == "positions":
+                tensor = tensor + shift
+            pieces[name].append(_pad_left(tensor, pad))
+        for name in states:
+            tensor = layer.token_state[name][row:row + 1].index_select(2, keep)
+            states[name].append(_pad_left(tensor, pad))
+    first = sources[0][0]
+    target.dtype, target.device = first.dtype, first.device
+    for name, parts in pieces.items():
+        setattr(target, name, torch.cat(parts, dim=0))
+    target.valid_seen = torch.tensor(lengths, dtype=torch.long, device=first.device)
+    target.token_state = {name: torch.cat(parts, dim=0) for name, parts in states.items()}
+    target.seen = seen
+    target.compressed = any(layer.compressed for layer, _ in sources)
+    target.is_initialized = True
+
+
+def _pad_left(tensor: torch.Tensor, pad: int) -> torch.Tensor:
+    """Prepend ``pad`` zero slots (invalid, position 0) along the token axis."""
+    if pad == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[2] = pad
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=2)

@@ -1,0 +1,68 @@
+"""``tokensift serve``: load a model and run the OpenAI-compatible server with uvicorn."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from tokensift.errors import TokensiftError
+
+
+def serve(
+    model: Optional[str] = typer.Option(None, "--model", help="smollm2 (default), gemma3, a .gguf, a folder or a hub id."),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    policy: str = typer.Option("full", "--policy", help="Default policy of requests that name none."),
+    budget: Optional[int] = typer.Option(None, "--budget", help="Default tokens kept per layer and KV head."),
+    ratio: Optional[float] = typer.Option(None, "--ratio", help="Default fraction of tokens kept."),
+    settings: Optional[list[str]] = typer.Option(None, "--set", help="Default policy parameter key=value (repeatable)."),
+    speculate: Optional[str] = typer.Option(None, "--speculate", help="Default drafter: recycling | prompt_lookup | lookahead | auto."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="max_tokens of requests that give none."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Sequences decoded together (running slots)."),
+    max_queue: int = typer.Option(128, "--max-queue", help="Requests allowed to wait; past it: HTTP 429."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads."),
+    kernels: str = typer.Option("packed", "--kernels", help="packed (prepacked oneDNN linears) | stock."),
+    name: Optional[str] = typer.Option(None, "--served-name", help="Model name in /v1/models (default: --model or smollm2)."),
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, with a policy per request."""
+    from tokensift.cli import parse_settings
+    from tokensift.policies import build_policy
+    from tokensift.serve.protocol import ApiError, ServerDefaults, speculate_choice
+
+    if kernels not in ("packed", "stock"):
+        raise TokensiftError(f"--kernels must be packed or stock (got '{kernels}')")
+    if max_batch < 1 or max_queue < 0:
+        raise TokensiftError("--max-batch must be >= 1 and --max-queue >= 0")
+    params = parse_settings(settings)
+    build_policy(policy, budget=budget, ratio=ratio, **params)  # fail now, not on the first request
+    try:
+        drafter = speculate_choice(speculate, None)
+    except ApiError as error:
+        raise TokensiftError(error.message) from None
+    defaults = ServerDefaults(policy=policy, budget=budget, ratio=ratio, policy_params=params,
+                              speculate=drafter, max_tokens=max_tokens)
+    run_server(model, host, port, defaults, max_batch=max_batch, max_queue=max_queue, threads=threads,
+               packed=kernels == "packed", served_name=name)
+
+
+def run_server(model_name, host, port, defaults, *, max_batch=8, max_queue=128, threads=None, packed=True,
+               served_name=None, log_level="info") -> None:
+    """Load the model and block serving it."""
+    try:
+        import uvicorn
+
+        from tokensift.serve.app import create_app
+    except ImportError as error:
+        raise TokensiftError(f"tokensift serve needs the serve extra ({error.name} is missing): "
+                             "pip install -r requirements-serve.txt") from None
+    from tokensift.models import load_model
+    model, tokenizer = load_model(model_name, threads=threads)
+    app = create_app(model, tokenizer, served_name or model_name or "smollm2", defaults,
+                     max_batch=max_batch, max_queue=max_queue, packed=packed)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` to the CLI."""
+    app.command("serve")(serve)

@@ -1,0 +1,373 @@
+"""Continuous batching: one worker thread runs every forward.
+
+Requests wait in a bounded queue. The worker admits them while there are free slots (one slot
+per sequence): it prefills a request alone, samples its first token, then lets it join the
+running batch of its policy (rows repacked into one left-padded cache, see ``batch``); a
+policy whose cache keeps per-batch state runs as its own batch. Each round the worker runs one
+decode step of every batch. Finished and cancelled rows leave at once, freeing their slot and
+cache. Speculative requests run one at a time in a second thread on a shared ``Speculator``
+(Token Recycling's table holds token ids only, by design); the two threads take turns on the
+model through one lock, one step at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from tokensift.cache import SelectingCache, SelectingLayer, make_cache
+from tokensift.generate import choose_next
+from tokensift.kernels import packed_linears
+from tokensift.serve.batch import mergeable, padding_mask, repack, row_lengths
+from tokensift.serve.protocol import Job
+from tokensift.serve.text import TextStream
+
+
+class QueueFull(Exception):
+    """The waiting queue is at its bound (HTTP 429)."""
+
+
+class Cancelled(Exception):
+    """Raised inside a speculative run whose client went away."""
+
+
+@dataclass
+class Sequence:
+    """One choice of one request: its tokens, text and sampling state."""
+
+    request: "Request"
+    index: int
+    stream: TextStream
+    generator: torch.Generator
+    tokens: list = field(default_factory=list)
+    finish_reason: str | None = None
+    kv: dict = field(default_factory=dict)
+    retired: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int, eos: set[int]) -> None:
+        """Record a token, send its text, and finish on EOS, a stop string or max_tokens."""
+        self.tokens.append(token)
+        self.request.metrics.token()
+        if token in eos:
+            self.finish("stop")
+            return
+        delta, stopped = self.stream.push(token)
+        if delta:
+            self.request.emit(("delta", self.index, delta))
+        if stopped:
+            self.finish("stop")
+        elif len(self.tokens) >= self.request.job.max_tokens:
+            self.finish("length")
+
+    def finish(self, reason: str) -> None:
+        if self.done:
+            return
+        rest = self.stream.flush() if reason != "cancelled" else ""
+        if rest:
+            self.request.emit(("delta", self.index, rest))
+        self.finish_reason = reason
+        self.request.emit(("finish", self.index, reason))
+
+    def retire(self, kv: dict) -> None:
+        """Record what the cache held for this sequence; the request ends with its last one."""
+        self.kv, self.retired = kv, True
+        self.request.sequence_done()
+
+
+class Request:
+    """A job plus the thread-safe channel back to its HTTP handler."""
+
+    ids = itertools.count()
+
+    def __init__(self, job: Job, tokenizer, emit, metrics):
+        self.job, self.metrics = job, metrics
+        self.id = next(self.ids)
+        self.emit = emit  # called from the worker threads; must be thread-safe
+        self.cancelled = False
+        self.batched = False
+        self.sequences = [
+            Sequence(self, i, TextStream(tokenizer, job.stop), torch.Generator().manual_seed(job.seed + i))
+            for i in range(job.n)
+        ]
+        self.open = job.n
+
+    def sequence_done(self) -> None:
+        self.open -= 1
+        if self.open == 0:
+            self.emit(("end", self.summary()))
+
+    def summary(self) -> dict:
+        kv = [s.kv for s in self.sequences if s.kv]
+        total = lambda key: sum(k.get(key, 0) for k in kv)
+        return {
+            "policy": self.job.policy.name,
+            "params": self.job.policy.params(),
+            "speculate": self.job.speculate,
+            "batched": self.batched,
+            "kv_bytes": total("kv_bytes"),
+            "kv_bytes_full": total("kv_bytes_full"),
+            "kv_tokens": max((k.get("kv_tokens", 0.0) for k in kv), default=0.0),
+            "completion_tokens": sum(len(s.tokens) for s in self.sequences),
+            **({"accepted_per_step": kv[0]["accepted_per_step"]} if kv and "accepted_per_step" in kv[0] else {}),
+        }
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class Group:
+    """A running batch: rows that share one cache (and so one policy)."""
+
+    key: str
+    policy: object
+    cache: SelectingCache
+    mask: torch.Tensor
+    rows: list
+    joinable: bool
+
+
+def row_kv(cache: SelectingCache, row: int, batch: int) -> dict:
+    """What the cache holds for one row: its share of the K/V tensors (padding slots of the shared
+    batch included), what a full cache would hold for its real tokens, and real tokens kept."""
+    full, kept = 0, []
+    for layer in cache.layers:
+        if isinstance(layer, SelectingLayer) and layer.keys is not None:
+            _, heads, _, dim = layer.keys.shape
+            full += 2 * heads * dim * layer.keys.element_size() * int(layer.valid_seen[row])
+            kept.append(float(layer.valid[row].sum(-1).float().mean()))
+        elif getattr(layer, "keys", None) is not None:
+            full += (layer.keys.nbytes + layer.values.nbytes) // batch
+    return {"kv_bytes": cache.kv_bytes // batch, "kv_bytes_full": full,
+            "kv_tokens": sum(kept) / max(len(kept), 1)}
+
+
+class Scheduler:
+    """Owns the model: admits queued requests into running batches and steps them."""
+
+    def __init__(self, model, tokenizer, metrics, max_batch: int = 8, max_queue: int = 128, packed: bool = True):
+        self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
+        self.max_batch, self.max_queue, self.packed = max_batch, max_queue, packed
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.spec_waiting: collections.deque[Request] = collections.deque()
+        self.groups: list[Group] = []
+        self.spec_active = 0
+        self.lock = threading.Lock()  # one forward at a time (the attention function is not reentrant)
+        self.wake = threading.Condition()
+        self.stopped = False
+        self.speculators: dict = {}
+        self.eos = eos_ids(model, tokenizer)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.threads: list[threading.Thread] = []
+        self._packed = None
+
+    # ----------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._packed = packed_linears(self.model, self.packed)
+        self._packed.__enter__()
+        for target in (self._run, self._run_speculative):
+            thread = threading.Thread(target=target, daemon=True, name=f"tokensift-{target.__name__}")
+            thread.start()
+            self.threads.append(thread)
+
+    def stop(self) -> None:
+        with self.wake:
+            self.stopped = True
+            self.wake.notify_all()
+        for thread in self.threads:
+            thread.join(timeout=30)
+        if self._packed is not None:
+            self._packed.__exit__(None, None, None)
+
+    def submit(self, request: Request) -> None:
+        """Queue a request, or raise QueueFull."""
+        with self.wake:
+            if len(self.waiting) + len(self.spec_waiting) >= self.max_queue:
+                raise QueueFull(f"server busy: {self.max_queue} requests already waiting; retry later")
+            (self.spec_waiting if request.job.speculate else self.waiting).append(request)
+            self.wake.notify_all()
+
+    @property
+    def running(self) -> int:
+        return sum(len(g.rows) for g in self.groups) + self.spec_active
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting) + len(self.spec_waiting)
+
+    # --------------------------------------------------------------- batch worker
+    def _run(self) -> None:
+        while not self.stopped:
+            self._admit()
+            if not self.groups:
+                self.metrics.kv_held = 0
+                with self.wake:
+                    if not self.waiting and not self.stopped:
+                        self.wake.wait(timeout=0.5)
+                continue
+            for group in list(self.groups):
+                self._step(group)
+            self.metrics.kv_held = sum(g.cache.kv_bytes for g in self.groups)
+            if self.spec_active:
+                time.sleep(0.001)  # let the speculative thread take its turn
+
+    def _admit(self) -> None:
+        while True:
+            with self.wake:
+                if not self.waiting or sum(len(g.rows) for g in self.groups) + self.waiting[0].job.n > self.max_batch:
+                    return
+                request = self.waiting.popleft()
+            if request.cancelled:
+                continue
+            try:
+                self._start(request)
+            except Exception as error:  # a request must never take the worker down
+                request.emit(("error", f"generation failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
+
+    @torch.inference_mode()
+    def _start(self, request: Request) -> None:
+        """Prefill a request alone, sample its first tokens, put its rows in a batch."""
+        job = request.job
+        cache = make_cache(self.model, job.policy)
+        ids = torch.tensor([job.prompt_ids] * job.n, dtype=torch.long)
+        mask = torch.ones_like(ids)
+        with self.lock:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1),
+                             past_key_values=cache, use_cache=True, logits_to_keep=1)
+        self.metrics.prompt_tokens(len(job.prompt_ids))
+        logits = out.logits[:, -1].float()
+        for row, seq in enumerate(request.sequences):
+            seq.push(int(choose_next(logits[row:row + 1], job.temperature, job.top_p, seq.generator)[0]), self.eos)
+        group = Group(job.policy_spec, job.policy, cache, mask, list(request.sequences), mergeable(cache))
+        target = next((g for g in self.groups if g.joinable and group.joinable and g.key == group.key), None)
+        if target is not None:
+            target.rows += group.rows
+            target.cache = repack(self.model, target.policy, self._row_refs(target.cache, len(target.rows) - job.n)
+                                  + self._row_refs(cache, job.n))
+            target.mask = padding_mask(row_lengths(target.cache))
+            request.batched = True
+            group = target
+        else:
+            self.groups.append(group)
+        self._retire(group)
+
+    @staticmethod
+    def _row_refs(cache, count: int) -> list:
+        return [(cache, row) for row in range(count)]
+
+    @torch.inference_mode()
+    def _step(self, group: Group) -> None:
+        """One decode step of every row of a batch."""
+        rows = group.rows
+        if len(rows) > 1:
+            for seq in rows:
+                seq.request.batched = True
+        ids = torch.tensor([[seq.tokens[-1] if not seq.done else self.pad_id] for seq in rows], dtype=torch.long)
+        group.mask = torch.cat([group.mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+        positions = (group.mask.cumsum(1) - 1)[:, -1:]
+        with self.lock:
+            out = self.model(input_ids=ids, attention_mask=group.mask, position_ids=positions,
+                             past_key_values=group.cache, use_cache=True, logits_to_keep=1)
+        logits = out.logits[:, -1].float()
+        for row, seq in enumerate(rows):
+            if not seq.done:
+                job = seq.request.job
+                seq.push(int(choose_next(logits[row:row + 1], job.temperature, job.top_p, seq.generator)[0]), self.eos)
+        self._retire(group)
+
+    def _retire(self, group: Group) -> None:
+        """Drop finished and cancelled rows (their cache share goes with them)."""
+        for seq in group.rows:
+            if seq.request.cancelled and not seq.done:
+                seq.finish("cancelled")
+        for row, seq in enumerate(group.rows):
+            if seq.done and not seq.retired:
+                seq.retire(row_kv(group.cache, row, len(group.rows)))
+        live = [row for row, seq in enumerate(group.rows) if not seq.done]
+        if not live:
+            self.groups.remove(group) if group in self.groups else None
+            return
+        if len(live) < len(group.rows) and group.joinable:
+            group.cache = repack(self.model, group.policy, [(group.cache, row) for row in live])
+            group.rows = [group.rows[row] for row in live]
+            group.mask = padding_mask(row_lengths(group.cache))
+
+    # ---------------------------------------------------------- speculative worker
+    def _run_speculative(self) -> None:
+        while not self.stopped:
+            with self.wake:
+                if not self.spec_waiting:
+                    self.wake.wait(timeout=0.5)
+                    continue
+                request = self.spec_waiting.popleft()
+            if request.cancelled:
+                continue
+            self.spec_active = 1
+            try:
+                self._speculate(request)
+            except Cancelled:
+                request.sequences[0].finish("cancelled")
+                request.sequences[0].retire({})
+            except Exception as error:
+                request.emit(("error", f"generation failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
+            finally:
+                self.spec_active = 0
+
+    def _speculate(self, request: Request) -> None:
+        from tokensift.speculative import Speculator
+
+        job, seq = request.job, request.sequences[0]
+        key = (job.speculate, job.tree_nodes)
+        if key not in self.speculators:
+            self.speculators[key] = Speculator(self.model, job.speculate, fixed_nodes=job.tree_nodes, packed=self.packed)
+        speculator = self.speculators[key]
+
+        def on_token(token: int) -> None:
+            if request.cancelled:
+                raise Cancelled()
+            if seq.done:
+                return
+            seq.push(token, self.eos)
+            if seq.finish_reason == "stop" and token not in self.eos:
+                raise Cancelled()  # a stop string: end the run here
+            self.lock.release()  # the batch worker may run a step between ours
+            time.sleep(0.0005)
+            self.lock.acquire()
+
+        cache = make_cache(self.model, job.policy)
+        self.metrics.prompt_tokens(len(job.prompt_ids))
+        try:
+            with self.lock:
+                result = speculator.generate(self.tokenizer, job.prompt_ids, policy=job.policy, cache=cache,
+                                             max_new_tokens=job.max_tokens, temperature=job.temperature,
+                                             top_p=job.top_p, seed=job.seed, stop_at_eos=bool(self.eos),
+                                             on_token=on_token)
+            accepted = result.accepted_per_step
+        except Cancelled:
+            if not seq.done:
+                raise
+            accepted = None
+        seq.finish("length")
+        seq.retire({**row_kv(cache, 0, 1), **({"accepted_per_step": accepted} if accepted is not None else {})})
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """Token ids that end a sequence: the tokenizer's EOS and the generation config's."""
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if isinstance(config_eos, int):
+        ids.add(config_eos)
+    elif config_eos:
+        ids.update(int(i) for i in config_eos)
+    return ids
