@@ -14,6 +14,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from tokensift.banded import banded_attention, wants_banded
 from tokensift.cache import SelectingLayer, take_last_updated
 from tokensift.scoring import AttentionView
 
@@ -56,6 +57,9 @@ def tokensift_attention(module, query, key, value, attention_mask, scaling=None,
     """Attention for the selecting cache (see module docstring)."""
     layer = take_last_updated(key)
     if layer is None:
+        window = kwargs.pop("sliding_window", None)
+        if wants_banded(query, key, attention_mask, window):  # long prefill on a sliding layer: O(n·window)
+            return banded_attention(module, query, key, value, attention_mask, window, scaling, dropout, **kwargs), None
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     batch, _, q_len, _ = query.shape

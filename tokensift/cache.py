@@ -9,7 +9,9 @@ true number of tokens seen, so RoPE positions never renumber.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import (
+    DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, DynamicSlidingWindowLayer, get_layer_types_and_kwargs,
+)
 
 from tokensift.policies.base import Policy
 
@@ -73,6 +75,9 @@ class SelectingLayer(CacheLayerMixin):
         self._unmarked = 0  # newest tokens appended but not yet marked by an attention call
         self.layer_idx = layer_idx
         self.num_layers = num_layers
+        # where budgets and layer schedules place this layer: its index among the cache's selecting
+        # (full-attention) layers and their count; set by SelectingCache (Gemma 3: 3 of 18 layers)
+        self.depth, self.depths = layer_idx, num_layers
         self.policy = policy
         self.seen = 0
         self.compressed = False
@@ -344,7 +349,7 @@ class SelectingLayer(CacheLayerMixin):
         """Cut the layer back to its budget when it has grown past it (per KV head)."""
         if self.defer_eviction or self.lazy:
             return
-        budget = self.policy.layer_budget(self.layer_idx, self.num_layers, int(self.valid_seen.max()))
+        budget = self.policy.layer_budget(self.depth, self.depths, int(self.valid_seen.max()))
         if budget is None or self.kept < budget + self.policy.interval:
             return
         self.select(budget)
@@ -390,14 +395,16 @@ class SelectingCache(Cache):
         layers = [
             layer_class(i, num_layers, policy)
             if kind == "full_attention"
-            else DYNAMIC_LAYER_TYPE_MAPPING[kind](**kwargs)
+            else SLIDING_LAYER_TYPES.get(kind, DYNAMIC_LAYER_TYPE_MAPPING[kind])(**kwargs)
             for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs))
         ]
         super().__init__(layers=layers)
         self.policy = policy
         self.shared: dict = {}  # cross-layer state (e.g. positions chosen by a selection layer)
-        for layer in self.selecting_layers:
+        selecting = self.selecting_layers
+        for depth, layer in enumerate(selecting):
             layer.shared = self.shared
+            layer.depth, layer.depths = depth, len(selecting)
 
     @property
     def selecting_layers(self) -> list[SelectingLayer]:
@@ -447,6 +454,24 @@ class SelectingCache(Cache):
                 past = layer.keys.shape[-2] - new
                 layer.keys = torch.cat([layer.keys[:, :, :past], layer.keys[:, :, past + idx]], dim=-2)
                 layer.values = torch.cat([layer.values[:, :, :past], layer.values[:, :, past + idx]], dim=-2)
+
+
+class WindowLayer(DynamicSlidingWindowLayer):
+    """transformers' sliding-window layer, holding at most its window in memory.
+
+    After a multi-token append (a prefill) the stock layer keeps a *view* of the last
+    ``window - 1`` tokens of the whole block, so the whole prompt's K/V stay allocated; this one
+    keeps a copy of just those tokens. Decode steps are unchanged.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if key_states.shape[-2] > 1 and not self.record_past and self.keys.untyped_storage().nbytes() > self.keys.nbytes:
+            self.keys, self.values = self.keys.clone(), self.values.clone()
+        return keys, values
+
+
+SLIDING_LAYER_TYPES = {"sliding_attention": WindowLayer}
 
 
 def _held_bytes(layer) -> int:

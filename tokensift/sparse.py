@@ -409,14 +409,14 @@ class CrossLayerPolicy(SparsePolicy):
         return {self.full_layers} | ({again} if again > self.full_layers else set())
 
     def wants_sparse(self, layer) -> bool:
-        return layer.layer_idx >= self.full_layers and layer.kept > self.k
+        return layer.depth >= self.full_layers and layer.kept > self.k
 
     def rank(self, layer, query, key, probs, scaling) -> torch.Tensor:
         """Scores ``[batch, kv_heads, kept]`` from which the layer-wide set is chosen."""
         raise NotImplementedError
 
     def read(self, layer, query, key, value, query_valid, scaling):
-        if layer.layer_idx in self.selection_layers(layer.num_layers):
+        if layer.depth in self.selection_layers(layer.depths):
             count(layer, "fresh")
             output, probs = dense_with_probs(layer, query, key, value, scaling)
             scores = self.rank(layer, query, key, probs, scaling)

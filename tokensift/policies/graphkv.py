@@ -40,7 +40,7 @@ class GraphKV(Wrapper):
 
     def score(self, layer) -> torch.Tensor:
         base = positive(self.inner.score(layer).float(), layer.valid)
-        budget = self.layer_budget(layer.layer_idx, layer.num_layers, int(layer.valid_seen.max()))
+        budget = self.layer_budget(layer.depth, layer.depths, int(layer.valid_seen.max()))
         selected = layer.protected_mask() & layer.valid
         return greedy_decay(base, unit_keys(layer.keys, layer.valid), selected, layer.valid, budget, self.decay, self.step)
 

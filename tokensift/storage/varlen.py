@@ -56,7 +56,7 @@ class VarlenLayer(CompactLayer):
     def enforce_budget(self) -> None:
         """Cut back when a sequence holds ``(budget + interval) x kv_heads`` tokens (per layer)."""
         if not self.defer_eviction:
-            budget = self.policy.layer_budget(self.layer_idx, self.num_layers, int(self.valid_seen.max()))
+            budget = self.policy.layer_budget(self.depth, self.depths, int(self.valid_seen.max()))
             heads = self.valid.shape[1]
             held = int(self.valid.sum(dim=(1, 2)).max()) if self.compressed else self.kept * heads
             if budget is not None and held >= (budget + self.policy.interval) * heads:
