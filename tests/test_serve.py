@@ -229,3 +229,17 @@ def test_text_stream_holds_back_stop_prefixes():
     stream = TextStream(TinyTokenizer(), stop=["9 9"])
     deltas = [stream.push(t) for t in (5, 9, 7, 9, 9, 4)][:5]
     assert "".join(d for d, _ in deltas) == "5 9 7 " and deltas[-1][1]
+
+
+def test_policy_with_batch_state_batches_its_cohort(tiny, client):
+    """SnapKV keeps per-batch state: requests arriving together share one left-padded prefill and
+    batch; each still gets what it gets alone."""
+    extra = {"policy": "snapkv", "budget": 20, "policy_params": SMALL}
+
+    def call(prompt):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0, extra_body=extra)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        outs = list(pool.map(call, PROMPTS[:3]))
+    for prompt, out in zip(PROMPTS[:3], outs):
+        assert out.choices[0].text == reference(tiny, prompt, "snapkv", 10, budget=20, **SMALL)

@@ -33,11 +33,12 @@ def validation_message(error: RequestValidationError) -> str:
 
 
 def create_app(model, tokenizer, model_name: str, defaults: ServerDefaults | None = None,
-               max_batch: int = 8, max_queue: int = 128, packed: bool = True) -> FastAPI:
+               max_batch: int = 8, max_queue: int = 128, packed: bool = True, max_groups: int = 2) -> FastAPI:
     """An app serving ``model``; its scheduler threads start and stop with the app's lifespan."""
     defaults = defaults or ServerDefaults()
     metrics = Metrics()
-    scheduler = Scheduler(model, tokenizer, metrics, max_batch=max_batch, max_queue=max_queue, packed=packed)
+    scheduler = Scheduler(model, tokenizer, metrics, max_batch=max_batch, max_queue=max_queue, packed=packed,
+                          max_groups=max_groups)
 
     @asynccontextmanager
     async def lifespan(app):

@@ -21,6 +21,7 @@ def serve(
     max_tokens: int = typer.Option(64, "--max-tokens", help="max_tokens of requests that give none."),
     max_batch: int = typer.Option(8, "--max-batch", help="Sequences decoded together (running slots)."),
     max_queue: int = typer.Option(128, "--max-queue", help="Requests allowed to wait; past it: HTTP 429."),
+    max_groups: int = typer.Option(2, "--max-groups", help="Batches (one per policy) decoding at once."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads."),
     kernels: str = typer.Option("packed", "--kernels", help="packed (prepacked oneDNN linears) | stock."),
     name: Optional[str] = typer.Option(None, "--served-name", help="Model name in /v1/models (default: --model or smollm2)."),
@@ -32,8 +33,8 @@ def serve(
 
     if kernels not in ("packed", "stock"):
         raise TokensiftError(f"--kernels must be packed or stock (got '{kernels}')")
-    if max_batch < 1 or max_queue < 0:
-        raise TokensiftError("--max-batch must be >= 1 and --max-queue >= 0")
+    if max_batch < 1 or max_queue < 0 or max_groups < 1:
+        raise TokensiftError("--max-batch and --max-groups must be >= 1, --max-queue >= 0")
     params = parse_settings(settings)
     build_policy(policy, budget=budget, ratio=ratio, **params)  # fail now, not on the first request
     try:
@@ -43,11 +44,11 @@ def serve(
     defaults = ServerDefaults(policy=policy, budget=budget, ratio=ratio, policy_params=params,
                               speculate=drafter, max_tokens=max_tokens)
     run_server(model, host, port, defaults, max_batch=max_batch, max_queue=max_queue, threads=threads,
-               packed=kernels == "packed", served_name=name)
+               packed=kernels == "packed", served_name=name, max_groups=max_groups)
 
 
 def run_server(model_name, host, port, defaults, *, max_batch=8, max_queue=128, threads=None, packed=True,
-               served_name=None, log_level="info") -> None:
+               served_name=None, log_level="info", max_groups=2) -> None:
     """Load the model and block serving it."""
     try:
         import uvicorn
@@ -59,7 +60,7 @@ def run_server(model_name, host, port, defaults, *, max_batch=8, max_queue=128, 
     from tokensift.models import load_model
     model, tokenizer = load_model(model_name, threads=threads)
     app = create_app(model, tokenizer, served_name or model_name or "smollm2", defaults,
-                     max_batch=max_batch, max_queue=max_queue, packed=packed)
+                     max_batch=max_batch, max_queue=max_queue, packed=packed, max_groups=max_groups)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

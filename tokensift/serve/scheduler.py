@@ -1,13 +1,16 @@
 """Continuous batching: one worker thread runs every forward.
 
 Requests wait in a bounded queue. The worker admits them while there are free slots (one slot
-per sequence): it prefills a request alone, samples its first token, then lets it join the
-running batch of its policy (rows repacked into one left-padded cache, see ``batch``); a
-policy whose cache keeps per-batch state runs as its own batch. Each round the worker runs one
-decode step of every batch. Finished and cancelled rows leave at once, freeing their slot and
-cache. Speculative requests run one at a time in a second thread on a shared ``Speculator``
-(Token Recycling's table holds token ids only, by design); the two threads take turns on the
-model through one lock, one step at a time.
+per sequence): a request whose policy (with the same parameters) is already decoding joins that
+running batch: it is prefilled alone, its first token sampled, and its rows repacked into the
+batch's left-padded cache (see ``batch``). Otherwise, while fewer than ``max_groups`` batches
+run, the oldest request starts a new batch, prefilled together with the waiting requests of the
+same policy (one left-padded forward). A policy whose cache keeps per-batch state (SnapKV's
+queries, a quantized store...) takes no joiners. Each round the worker runs one decode step of
+every batch; finished and cancelled rows leave at once, freeing their slot and cache share.
+Speculative requests run one at a time in a second thread on a shared ``Speculator`` (Token
+Recycling's table holds token ids only, by design); the two threads take turns on the model
+through one lock, one step at a time.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokensift.cache import SelectingCache, SelectingLayer, make_cache
-from tokensift.generate import choose_next
+from tokensift.generate import choose_next, left_pad
 from tokensift.kernels import packed_linears
 from tokensift.serve.batch import mergeable, padding_mask, repack, row_lengths
 from tokensift.serve.protocol import Job
@@ -99,6 +102,8 @@ class Request:
             for i in range(job.n)
         ]
         self.open = job.n
+        self.arrived = time.monotonic()
+        self.key = policy_key(job.policy)
 
     def sequence_done(self) -> None:
         self.open -= 1
@@ -154,9 +159,11 @@ def row_kv(cache: SelectingCache, row: int, batch: int) -> dict:
 class Scheduler:
     """Owns the model: admits queued requests into running batches and steps them."""
 
-    def __init__(self, model, tokenizer, metrics, max_batch: int = 8, max_queue: int = 128, packed: bool = True):
+    def __init__(self, model, tokenizer, metrics, max_batch: int = 8, max_queue: int = 128, packed: bool = True,
+                 max_groups: int = 2, patience: float = 10.0):
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
         self.max_batch, self.max_queue, self.packed = max_batch, max_queue, packed
+        self.max_groups, self.patience = max_groups, patience
         self.waiting: collections.deque[Request] = collections.deque()
         self.spec_waiting: collections.deque[Request] = collections.deque()
         self.groups: list[Group] = []
@@ -223,38 +230,73 @@ class Scheduler:
     def _admit(self) -> None:
         while True:
             with self.wake:
-                if not self.waiting or sum(len(g.rows) for g in self.groups) + self.waiting[0].job.n > self.max_batch:
-                    return
-                request = self.waiting.popleft()
-            if request.cancelled:
-                continue
+                cohort = self._pick()
+            if not cohort:
+                return
             try:
-                self._start(request)
+                self._start(cohort)
             except Exception as error:  # a request must never take the worker down
-                request.emit(("error", f"generation failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
+                message = f"generation failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                for request in cohort:
+                    request.emit(("error", message))
+
+    def _pick(self) -> list[Request]:
+        """The next requests to start (call with ``wake`` held).
+
+        A waiting request that can join a running batch of its policy goes first, unless the
+        oldest one has waited ``patience`` seconds; otherwise, while there are fewer than
+        ``max_groups`` batches, the oldest starts a new batch together with the waiting requests
+        of the same policy that fit (one left-padded prefill).
+        """
+        while self.waiting and self.waiting[0].cancelled:
+            self.waiting.popleft()
+        free = self.max_batch - sum(len(g.rows) for g in self.groups)
+        if not self.waiting or free <= 0:
+            return []
+        window = list(itertools.islice(self.waiting, 64))
+        oldest = window[0]
+        if time.monotonic() - oldest.arrived < self.patience:
+            joinable = {g.key for g in self.groups if g.joinable}
+            match = next((r for r in window if r.key in joinable and r.job.n <= free and not r.cancelled), None)
+            if match is not None:
+                self.waiting.remove(match)
+                return [match]
+        if len(self.groups) >= self.max_groups or oldest.job.n > free:
+            return []
+        cohort = [oldest]
+        free -= oldest.job.n
+        for request in window[1:]:
+            if request.key == oldest.key and request.job.n <= free and not request.cancelled:
+                cohort.append(request)
+                free -= request.job.n
+        for request in cohort:
+            self.waiting.remove(request)
+        return cohort
 
     @torch.inference_mode()
-    def _start(self, request: Request) -> None:
-        """Prefill a request alone, sample its first tokens, put its rows in a batch."""
-        job = request.job
-        cache = make_cache(self.model, job.policy)
-        ids = torch.tensor([job.prompt_ids] * job.n, dtype=torch.long)
-        mask = torch.ones_like(ids)
+    def _start(self, cohort: list[Request]) -> None:
+        """Prefill requests of one policy together (left-padded), sample their first tokens, and
+        put their rows in a batch: a running one of the same policy when the cache allows."""
+        sequences = [seq for request in cohort for seq in request.sequences]
+        policy = cohort[0].job.policy
+        cache = make_cache(self.model, policy)
+        ids, mask = left_pad([seq.request.job.prompt_ids for seq in sequences], self.pad_id)
         with self.lock:
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1),
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
-        self.metrics.prompt_tokens(len(job.prompt_ids))
+        for request in cohort:
+            self.metrics.prompt_tokens(len(request.job.prompt_ids) * request.job.n)
         logits = out.logits[:, -1].float()
-        for row, seq in enumerate(request.sequences):
+        for row, seq in enumerate(sequences):
+            job = seq.request.job
             seq.push(int(choose_next(logits[row:row + 1], job.temperature, job.top_p, seq.generator)[0]), self.eos)
-        group = Group(job.policy_spec, job.policy, cache, mask, list(request.sequences), mergeable(cache))
+        group = Group(cohort[0].key, policy, cache, mask, sequences, mergeable(cache))
         target = next((g for g in self.groups if g.joinable and group.joinable and g.key == group.key), None)
         if target is not None:
-            target.rows += group.rows
-            target.cache = repack(self.model, target.policy, self._row_refs(target.cache, len(target.rows) - job.n)
-                                  + self._row_refs(cache, job.n))
+            target.cache = repack(self.model, target.policy, self._row_refs(target.cache, len(target.rows))
+                                  + self._row_refs(cache, len(sequences)))
+            target.rows += sequences
             target.mask = padding_mask(row_lengths(target.cache))
-            request.batched = True
             group = target
         else:
             self.groups.append(group)
@@ -358,6 +400,11 @@ class Scheduler:
             accepted = None
         seq.finish("length")
         seq.retire({**row_kv(cache, 0, 1), **({"accepted_per_step": accepted} if accepted is not None else {})})
+
+
+def policy_key(policy) -> str:
+    """Requests batch together only under the same policy with the same parameters."""
+    return f"{policy.name}:{sorted((k, str(v)) for k, v in policy.params().items())}"
 
 
 def eos_ids(model, tokenizer) -> set[int]:
