@@ -478,7 +478,15 @@ def _held_bytes(layer) -> int:
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     if keys is None or values is None:
         return 0
-    return keys.nbytes + values.nbytes
+    return keys.untyped_storage().nbytes() + values.untyped_storage().nbytes()
+
+
+def _element_size(layer) -> int:
+    size = getattr(layer, "element_size", None)
+    if isinstance(size, int):
+        return size
+    keys = getattr(layer, "keys", None)
+    return 2 if keys is None else keys.element_size()
 
 
 def make_cache(model, policy: Policy) -> SelectingCache:

@@ -83,6 +83,8 @@ def channel_scale(x: torch.Tensor, valid: torch.Tensor | None = None) -> torch.T
     x = x.float().abs()
     if valid is not None:
         x = x * valid[..., None].float()
+    if x.shape[-2] == 0:  # no tokens (a batch row whose span is all padding): any scale will do
+        return x.new_full((*x.shape[:-2], 1, x.shape[-1]), EPS).to(SCALE_DTYPE)
     return x.amax(dim=-2, keepdim=True).clamp(min=EPS).to(SCALE_DTYPE)
 
 

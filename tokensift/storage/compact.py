@@ -46,6 +46,8 @@ class CompactLayer(SelectingLayer):
     def compact(self) -> None:
         if not self.packed and self.is_initialized:
             self._pack()
+            if self.packed:
+                self._buffers.clear()  # the expanded K/V's append buffers would stay alive, uncounted
 
     def _expanded(self, method, *args):
         """Run ``method`` on the expanded layer, then pack again."""

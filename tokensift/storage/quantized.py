@@ -106,8 +106,9 @@ class QuantizedLayer(CompactLayer):
             self.blocks.append(self._quantize_block(start, count))
         self.requantize = False
         tail = self.quantized_slots
-        self.tail_keys = self.keys[:, :, tail:].contiguous()
-        self.tail_values = self.values[:, :, tail:].contiguous()
+        # a copy, never a view: a view (an empty or contiguous tail, an append buffer) keeps more alive
+        self.tail_keys = self.keys[:, :, tail:].clone()
+        self.tail_values = self.values[:, :, tail:].clone()
         self.keys = self.values = None
         self.packed = True
 
