@@ -26,7 +26,7 @@ import torch
 from tokensift.cache import SelectingCache, SelectingLayer, make_cache
 from tokensift.generate import choose_next, left_pad
 from tokensift.kernels import packed_linears
-from tokensift.serve.batch import mergeable, padding_mask, repack, row_lengths
+from tokensift.serve.batch import batch_independent, mergeable, padding_mask, repack, row_lengths
 from tokensift.serve.protocol import Job
 from tokensift.serve.text import TextStream
 
@@ -265,7 +265,7 @@ class Scheduler:
             return []
         cohort = [oldest]
         free -= oldest.job.n
-        for request in window[1:]:
+        for request in window[1:] if batch_independent(oldest.job.policy) else []:
             if request.key == oldest.key and request.job.n <= free and not request.cancelled:
                 cohort.append(request)
                 free -= request.job.n
@@ -291,7 +291,8 @@ class Scheduler:
             job = seq.request.job
             seq.push(int(choose_next(logits[row:row + 1], job.temperature, job.top_p, seq.generator)[0]), self.eos)
         group = Group(cohort[0].key, policy, cache, mask, sequences, mergeable(cache))
-        target = next((g for g in self.groups if g.joinable and group.joinable and g.key == group.key), None)
+        target = next((g for g in self.groups if group.joinable and g.key == group.key and g.joinable
+                       and mergeable(g.cache)), None)  # state a policy starts keeping mid-decode stops joins
         if target is not None:
             target.cache = repack(self.model, target.policy, self._row_refs(target.cache, len(target.rows))
                                   + self._row_refs(cache, len(sequences)))
@@ -338,7 +339,7 @@ class Scheduler:
         if not live:
             self.groups.remove(group) if group in self.groups else None
             return
-        if len(live) < len(group.rows) and group.joinable:
+        if len(live) < len(group.rows) and group.joinable and mergeable(group.cache):
             group.cache = repack(self.model, group.policy, [(group.cache, row) for row in live])
             group.rows = [group.rows[row] for row in live]
             group.mask = padding_mask(row_lengths(group.cache))
