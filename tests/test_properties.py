@@ -303,3 +303,21 @@ def test_budget_beyond_the_prompt_equals_full(scenario, expr, extra):
     assert ours.tokens == full.tokens
     for a, b in zip(ours.logits, full.logits):
         assert torch.equal(a, b)
+
+
+# ------------------------------------------------------------------ examples that found bugs
+FOUND = [
+    # zipcache kept the whole expanded K/V alive through an empty tail view (window 0): kv_bytes under-counted
+    Scenario("llama", "caote(zipcache)", {"n_sink": 0, "window": 0, "interval": 1, "budget": 1}, [1], None, 2, 0),
+    # ... and through its append buffers (spare decode room) after packing
+    Scenario("llama", "zipcache", {"n_sink": 0, "window": 0, "interval": 1}, [1], None, 1, 0),
+    # zipcache crashed (IndexError in amax) on a batch row whose quantized span was all padding
+    Scenario("llama", "caote(zipcache)", {"n_sink": 0, "window": 0, "interval": 1, "budget": 1}, [1, 3], 1, 2, 0),
+    # a sliding-window layer's kv_bytes counted its view, not the longer tensor it keeps alive
+    Scenario("gemma3", "full", {"n_sink": 0, "window": 0, "interval": 1}, [11], None, 6, 0),
+]
+
+
+@pytest.mark.parametrize("scenario", FOUND, ids=lambda s: f"{s.model}-{s.expr}-{s.lengths}")
+def test_found_examples(scenario):
+    run(scenario, scenario.prompts(), scenario.policy())
