@@ -98,6 +98,41 @@ def test_cli_bad_device_or_dtype_is_one_line(monkeypatch, capsys, args, fragment
     assert exit_info.value.code == 2 and fragment in err and len(err.strip().splitlines()) == 1
 
 
+def probe_policy(name):
+    """``name`` with small settings, or None when it does not build that way."""
+    from tokensift.policies import POLICIES
+
+    cls = POLICIES[name]
+    try:
+        if name in ("full", "zipcache"):
+            return build_policy(name)
+        if getattr(cls, "reads_subset", False):
+            return build_policy(name, k=24, n_sink=2, window=4)
+        return small_policy(name)
+    except TokensiftError:
+        return None
+
+
+def test_nothing_is_created_off_the_model_device(tmp_path, monkeypatch):
+    """Any tensor made without ``device=`` lands on the default device, here ``meta`` (no data):
+    mixing it with the model's CPU tensors fails, so every policy's batched, sampled, penalized
+    run with a question (and the speculator) proves it places what it creates."""
+    from tokensift.policies import POLICIES
+
+    monkeypatch.setenv("TOKENSIFT_CACHE", str(tmp_path))
+    model, tokenizer = tiny_llama(), tokensift_tokenizer()
+    ids = random_ids(60)[0].tolist()
+    policies = [p for p in map(probe_policy, sorted(POLICIES)) if p is not None]
+    with torch.device("meta"):
+        for policy in policies + [build_policy("adakv(snapkv)", budget=24, n_sink=2, window=4)]:
+            result = generate(model, tokenizer, [ids, ids[:40]], question=[[5, 6], [7, 8]], policy=policy,
+                              max_new_tokens=4, temperature=0.8, top_k=10, repetition_penalty=1.2)
+            assert result.new_tokens == 4, policy.name
+        spec = Speculator(model, "auto", fixed_nodes=6).generate(tokenizer, ids, max_new_tokens=8, temperature=0.8,
+                                                                  policy=small_policy("snapkv", budget=40))
+        assert spec.new_tokens == 8
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, pytest.param(torch.float32, marks=[pytest.mark.gpu, CUDA])])
 @pytest.mark.parametrize("device", DEVICES)
 def test_full_equals_plain_generate(device, dtype):

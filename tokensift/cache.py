@@ -443,7 +443,8 @@ class SelectingCache(Cache):
         Transformers' own full-cache layers are trimmed the same way; sliding-window layers are
         not supported (speculation needs full-attention layers).
         """
-        indices = torch.as_tensor(indices, dtype=torch.long)  # once for every layer
+        if not isinstance(indices, torch.Tensor):  # once for every layer (a tensor stays on its device)
+            indices = torch.as_tensor(indices, dtype=torch.long)
         for layer in self.layers:
             if isinstance(layer, SelectingLayer):
                 layer.keep_new_tokens(new, indices)

@@ -58,13 +58,9 @@ def encode(tokenizer, text_or_ids, add_special_tokens: bool = True) -> list[int]
 def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack token lists into ``[batch, longest]`` ids and mask, padding on the left (on ``device``)."""
     longest = max(len(seq) for seq in sequences)
-    ids = torch.full((len(sequences), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        if seq:
-            ids[row, longest - len(seq):] = torch.tensor(seq, dtype=torch.long)
-            mask[row, longest - len(seq):] = 1
-    return ids.to(device), mask.to(device)
+    ids = [[pad_id] * (longest - len(seq)) + list(seq) for seq in sequences]
+    mask = [[0] * (longest - len(seq)) + [1] * len(seq) for seq in sequences]
+    return torch.tensor(ids, dtype=torch.long, device=device), torch.tensor(mask, dtype=torch.long, device=device)
 
 
 class Decoder:

@@ -79,7 +79,7 @@ class AttentionView:
     def column_sum(self, row_weights: torch.Tensor | None = None, rows: slice = slice(None)) -> torch.Tensor:
         """Attention each key received, summed over (weighted) valid query rows: ``[batch, kv_heads, kv]``."""
         start, stop, _ = rows.indices(self.num_queries)
-        key = (start, stop, None if row_weights is None else row_weights.float().numpy().tobytes())
+        key = (start, stop, None if row_weights is None else row_weights.float().cpu().numpy().tobytes())
         if key not in self.memo:
             self.memo[key] = self._column_sum(row_weights, start, stop)
         return self.memo[key].clone()

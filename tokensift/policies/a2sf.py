@@ -27,7 +27,7 @@ class A2SF(Policy):
 
     def observe(self, layer, view) -> None:
         n = view.num_queries
-        weights = self.factor ** torch.arange(n - 1, -1, -1, dtype=torch.float64)
+        weights = self.factor ** torch.arange(n - 1, -1, -1, dtype=torch.float64, device=view.query.device)
         running = pad_to(layer.token_state.get("a2sf"), layer.kept, layer.keys) * (self.factor**n)
         layer.token_state["a2sf"] = running + view.column_sum(row_weights=weights.float())
 

@@ -128,6 +128,7 @@ def calibration_key(model, policy: FASA) -> str:
 def calibration_ids(model, count: int) -> torch.Tensor:
     """The first ``count`` essay tokens under the model's tokenizer (pseudo-random ids without one)."""
     source = getattr(model.config, "_name_or_path", "")
+    device = next(model.parameters()).device
     try:
         from transformers import AutoTokenizer
 
@@ -135,11 +136,12 @@ def calibration_ids(model, count: int) -> torch.Tensor:
 
         tokenizer = AutoTokenizer.from_pretrained(source)
         ids = tokenizer("\n\n".join(essay_texts()[:8]), add_special_tokens=False)["input_ids"][:count]
-        return torch.tensor([ids])
+        return torch.tensor([ids], device=device)
     except (OSError, ValueError, TokensiftError) as error:
         warnings.warn(f"fasa: no tokenizer or essays for '{source}' ({error}); calibrating on pseudo-random ids", stacklevel=2)
         vocab = model.config.get_text_config(decoder=True).vocab_size
-        return torch.randint(1, vocab, (1, count), generator=torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        return torch.randint(1, vocab, (1, count), generator=generator, device="cpu").to(device)
 
 
 def load_or_calibrate(model, policy: FASA, key: str) -> dict[int, torch.Tensor]:
@@ -160,7 +162,7 @@ def calibrate(model, policy: FASA) -> dict[int, torch.Tensor]:
     from tokensift.cache import make_cache
     from tokensift.policies.registry import build_policy
 
-    ids = calibration_ids(model, policy.calib_tokens).to(next(model.parameters()).device)
+    ids = calibration_ids(model, policy.calib_tokens)
     cache = make_cache(model, build_policy("full"))
     recorded: dict = {}
     cache.shared["record_queries"] = recorded

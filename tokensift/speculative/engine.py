@@ -169,7 +169,7 @@ class Speculator:
                 break
             path.append(child)
             node = child
-        cache.keep_new_tokens(q, path)
+        cache.keep_new_tokens(q, torch.tensor(path, dtype=torch.long, device=device))
         cache.set_defer_eviction(False)
         cache.enforce_budget()
         return path, token

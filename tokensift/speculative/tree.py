@@ -103,7 +103,7 @@ class DraftTree:
     def ancestors(self) -> torch.Tensor:
         """``[q, q]`` bool: row i sees column j when j is i or an ancestor of i."""
         size = len(self.tokens)
-        visible = torch.eye(size, dtype=torch.bool)
+        visible = torch.eye(size, dtype=torch.bool, device="cpu")  # built row by row: on the host
         for index in range(1, size):
             visible[index] |= visible[self.parents[index]]
         return visible
