@@ -321,3 +321,18 @@ def test_examples_on_the_embedded_model(script, capsys):
     main = runpy.run_path(str(EXAMPLES / script))["main"]
     output = main(["--max-new-tokens", "8"] + (["--sentences", "60"] if script == "compress_then_ask.py" else []))
     assert output and capsys.readouterr().out
+
+
+def test_cli_sampling_options_reach_generate(monkeypatch, capsys, tiny_folder):
+    args = ["--model", tiny_folder, "--prompt", "abc", "--max-new-tokens", "6", "--json"]
+    monkeypatch.setattr("sys.argv", ["tokensift", "generate", *args, "--repetition-penalty", "1.4", "--top-k", "1",
+                                     "--temperature", "0.9"])
+    cli.main()
+    penalized = capsys.readouterr().out
+    model, tokenizer = load_model(tiny_folder)
+    expected = generate(model, tokenizer, "abc", max_new_tokens=6, repetition_penalty=1.4)
+    assert f'"token_ids": {expected.token_ids[0]}' in penalized
+    monkeypatch.setattr("sys.argv", ["tokensift", "generate", *args, "--speculate", "auto", "--stop", "x"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2 and "not supported with --speculate" in capsys.readouterr().err

@@ -87,6 +87,9 @@ def generate(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k", help="Sample among the k likeliest tokens (0 = off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="transformers' penalty (1 = off)."),
+    stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop after this string appears (repeatable)."),
     seed: int = typer.Option(0, "--seed"),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill in chunks (policy acts after each)."),
@@ -116,6 +119,8 @@ def generate(
             raise TokensiftError(f"unknown drafter '{speculate}'; use one of: {', '.join(DRAFTER_NAMES)}")
         if question is not None:
             raise TokensiftError("--question is not supported with --speculate")
+        if top_k or repetition_penalty != 1.0 or stop:
+            raise TokensiftError("--top-k, --repetition-penalty and --stop are not supported with --speculate")
     elif tree_nodes is not None or spec_state is not None:
         raise TokensiftError("--tree-nodes and --spec-state need --speculate")
     text = read_prompt(prompt, prompt_file)
@@ -130,7 +135,8 @@ def generate(
         return
     result = run_generate(
         model_obj, tokenizer, text, policy=chosen, question=question, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, seed=seed, prefill_chunk=prefill_chunk, on_token=stream,
+        temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+        stop_strings=stop or (), seed=seed, prefill_chunk=prefill_chunk, on_token=stream,
     )
     if as_json:
         print(json.dumps(result.as_dict()))
