@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from tokensift.bench.report import load_rows
 from tokensift.bench.tasks import TaskInstance, default_tokenizer, get_task, read_jsonl
 from tokensift.bench.tasks.tokenizer import cache_root, embedded_gguf_path
 from tokensift.errors import TokensiftError
@@ -239,8 +238,10 @@ def pair_key(instance_key: str, run: dict) -> str:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The worker's rows so far (none before its first run)."""
-    return load_rows(path) if path.exists() else []
+    """The worker's rows so far (none before its first run; a row torn by a killed worker is dropped)."""
+    from tokensift.bench.runner import read_rows as complete_rows
+
+    return complete_rows(path)
 
 
 def _run_worker(python: Path, job: Path, timeout_s: float | None) -> None:

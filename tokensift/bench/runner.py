@@ -152,25 +152,59 @@ def cell_key(task: str, protocol: str, length: int, setting: Setting) -> str:
     return f"{task}|{protocol}|{length}|{setting.label}"
 
 
-class Results:
-    """``results.jsonl``: one row per finished cell; rerunning skips what is there."""
+def read_rows(path: Path, repair: bool = False) -> list[dict]:
+    """The rows of an append-only jsonl file, tolerant of a run killed mid-write.
 
-    def __init__(self, path: Path):
+    A line that is not a complete JSON row (torn by a kill: unterminated, or cut short) is
+    dropped, and so is a row whose ``cell`` repeats an earlier one. ``repair`` then rewrites the
+    file without them, atomically (a temporary file renamed over it); the good lines keep their
+    exact bytes.
+    """
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    rows, good, seen, dropped = [], [], set(), False
+    for line in data.splitlines(keepends=True):
+        try:
+            row = json.loads(line) if line.endswith(b"\n") else None
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or row.get("cell", id(row)) in seen:
+            dropped = dropped or bool(line.strip())
+            continue
+        seen.add(row.get("cell", id(row)))
+        rows.append(row)
+        good.append(line)
+    if repair and dropped:
+        temporary = path.with_name(path.name + ".repair")
+        temporary.write_bytes(b"".join(good))
+        os.replace(temporary, path)
+    return rows
+
+
+class Results:
+    """``results.jsonl``: one row per finished cell; rerunning skips what is there.
+
+    Rows are appended with one ``write`` each and flushed to disk; a row torn by a kill is
+    dropped (and the file repaired) when the next run reads the file (``repair``: only the
+    process that owns the run, never a worker while others append).
+    """
+
+    def __init__(self, path: Path, repair: bool = True):
         self.path = path
-        self.done = set()
-        if path.exists():
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    self.done.add(json.loads(line)["cell"])
+        self.done = {row["cell"] for row in read_rows(path, repair=repair)}
 
     def pending(self, task: str, protocol: str, length: int, settings: list[Setting]) -> list[Setting]:
         return [s for s in settings if cell_key(task, protocol, length, s) not in self.done]
 
     def write(self, row: dict) -> None:
         """Append one row in a single write, so parallel workers never interleave lines."""
+        line = (json.dumps(row) + "\n").encode()
         handle = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(handle, (json.dumps(row) + "\n").encode())
+            if os.write(handle, line) != len(line):
+                raise OSError(f"short write to {self.path}")
+            os.fsync(handle)
         finally:
             os.close(handle)
         self.done.add(row["cell"])
@@ -452,7 +486,7 @@ def worker_main(fields: dict, out: str, todo, reports, threads: int) -> None:
     try:
         config = BenchConfig(**fields)
         model, tokenizer = load_model(config.model)
-        results, settings = Results(Path(out) / "results.jsonl"), settings_for(config)
+        results, settings = Results(Path(out) / "results.jsonl", repair=False), settings_for(config)
         with chosen_kernels(model, config):
             for job in iter(todo.get, None):
                 started = time.perf_counter()
