@@ -160,3 +160,52 @@ def test_cross_layer_reading_selects_on_a_full_attention_layer():
         model(input_ids=ids_of(80), past_key_values=cache, use_cache=True)
         model(input_ids=ids_of(1, seed=9), past_key_values=cache, use_cache=True)
     assert cache.policy.shared_key in cache.shared  # the first full-attention layer chose the positions
+
+
+# ------------------------------------------------------------------ the long suite and its task
+def test_long_suite_runs_gemma3_at_three_lengths():
+    from tokensift.bench.runner import BenchConfig, environment
+
+    config = BenchConfig.for_suite("long")
+    assert config.model == "gemma3" and config.lengths == [8192, 16384, 32768] and len(config.budgets) == 4
+    assert "essay_qa" in config.tasks and config.full_gate == 0.3
+    assert config.samples_at(8192) == 8 and config.samples_at(32768) == 4
+    assert environment(config)["model"] == "gemma3"
+    assert environment(BenchConfig.for_suite("quick"))["model"] == "smollm2"
+
+
+def test_essay_qa_quotes_the_context_and_scores_the_next_words():
+    from tokensift.bench.tasks import build_instances, default_tokenizer, score
+
+    tokenizer = default_tokenizer()
+    for instance in build_instances("essay_qa", tokenizer, 1024, n=3, seed=1):
+        context, suffix = tokenizer.decode(instance.context_ids), tokenizer.decode(instance.suffix_ids)
+        quote, (answer,) = instance.meta["quote"], instance.answers
+        assert context.count(f"{quote} {answer}") == 1 and suffix.rstrip().endswith(quote)
+        assert len(instance.context_ids) == 1024 - 128
+        assert score(instance, f" {answer} and more") == 1.0 and score(instance, " something else") == 0.0
+
+
+def test_gated_policies_run_only_where_the_full_cache_scores(tmp_path, monkeypatch):
+    """The long suite's gate: a task whose full cache scores below the gate gets the full row only."""
+    import json
+
+    from tokensift.bench import runner
+    from tokensift.bench.runner import BenchConfig, Results, Setting, run_gated
+
+    calls = []
+
+    def fake_retrieval(model, tokenizer, config, results, task, protocol, length, settings, progress):
+        calls.append([s.label for s in settings])
+        for s in results.pending(task, protocol, length, settings):
+            results.write({"cell": runner.cell_key(task, protocol, length, s), "score": 0.1 if task == "vt" else 0.9})
+
+    monkeypatch.setattr(runner, "run_retrieval", fake_retrieval)
+    config = BenchConfig(suite="long", samples=2, full_gate=0.3)
+    results = Results(tmp_path / "results.jsonl")
+    settings = [Setting("full"), Setting("snapkv", budget=64)]
+    for task in ("vt", "niah"):
+        run_gated(None, None, config, results, runner.Job(task, 1024), settings, lambda n: None)
+    cells = [json.loads(line)["cell"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [c for c in cells if c.startswith("vt")] == ["vt|query_agnostic|1024|full"]
+    assert "niah|query_agnostic|1024|snapkv@64" in cells

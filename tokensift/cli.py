@@ -217,12 +217,13 @@ SUITE_RUNNERS = {
     "spec": ("tokensift.bench.spec_suite", "run_spec_suite"),
     "sparse-speed": ("tokensift.bench.sparse_speed", "run_sparse_speed"),
 }
-TEXT_SUITES = ("quick", "standard", "full")
+TEXT_SUITES = ("quick", "standard", "full", "long")
 
 
 @app.command()
 def bench(
-    suite: str = typer.Option("quick", "--suite", help="quick | standard | full | vision | spec | sparse-speed"),
+    suite: str = typer.Option("quick", "--suite", help="quick | standard | full | long | vision | spec | sparse-speed"),
+    model: Optional[str] = typer.Option(None, "--model", help="smollm2 (default), gemma3, a .gguf or a folder (the long suite: gemma3)."),
     policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated policy names/expressions."),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma-separated token budgets."),
     ratios: Optional[str] = typer.Option(None, "--ratios", help="Comma-separated kept fractions."),
@@ -246,7 +247,12 @@ def bench(
             runner = getattr(importlib.import_module(module_name), function)
         except (ImportError, AttributeError):
             raise TokensiftError(f"suite '{suite}' is not available in this installation") from None
-        runner(out)
+        if model is not None and suite == "vision":
+            raise TokensiftError("the vision suite runs DINOv2 and tiny VLMs, not a language model: drop --model")
+        extra = {} if model is None else {"model": model}
+        if suite == "sparse-speed" and lengths:
+            extra["lengths"] = split_list(lengths, int)
+        runner(out, **extra)
         return
     if suite not in TEXT_SUITES:
         raise TokensiftError(f"unknown suite '{suite}'; use one of: {', '.join(TEXT_SUITES + tuple(SUITE_RUNNERS))}")
@@ -256,7 +262,7 @@ def bench(
         suite, policies=split_list(policies), budgets=split_list(budgets, int), ratios=split_list(ratios, float),
         lengths=split_list(lengths, int), tasks=split_list(tasks), protocols=split_list(protocols),
         samples=samples, seed=seed, full_only_tasks=split_list(full_only_tasks), lm_budgets=split_list(lm_budgets, int),
-        kernels=kernels,
+        kernels=kernels, model=model,
     )
     run_bench(config, out, workers=workers)
 
@@ -275,13 +281,14 @@ def compare_kvpress_command(
     budgets: str = typer.Option("128,256,512", "--budgets", help="tokensift budgets; run as keep ratio budget/context."),
     presses: Optional[str] = typer.Option(None, "--presses", help="Comma-separated kvpress presses (default: all supported)."),
     threads: int = typer.Option(2, "--threads", help="Torch threads of the kvpress worker."),
+    model: Optional[str] = typer.Option(None, "--model", help="smollm2 (default), gemma3 or a .gguf file."),
 ) -> None:
     """NVIDIA kvpress (own virtualenv) on the same instances; rows merged with library=kvpress."""
     from tokensift.bench.compare import compare_kvpress
     from tokensift.bench.kvpress_compare import PRESSES
 
     compare_kvpress(out, split_list(tasks), length, samples, seed, split_list(budgets, int),
-                    split_list(presses) or list(PRESSES), threads=threads)
+                    split_list(presses) or list(PRESSES), threads=threads, model=model)
 
 
 def register_optional_commands() -> None:

@@ -1,9 +1,15 @@
 """``tokensift compare kvpress``: NVIDIA kvpress on the same task instances, merged into the
 same ``results.jsonl`` (``library: kvpress``) and report.
 
-Same model (the embedded SmolLM2 GGUF), same token ids, same query-agnostic protocol, and the
+Same model (the embedded SmolLM2 GGUF, or ``model``: gemma3 / a .gguf), same token ids, same query-agnostic protocol, and the
 same size definition: a tokensift budget of B tokens per head at a context of C tokens is run
 in kvpress as keep ratio B / C (kvpress ``compression_ratio`` = 1 - B / C).
+
+On Gemma 3 the two do not compress the same layers: tokensift's policies act on the 3
+full-attention layers (the 15 sliding-window layers keep their last 511 tokens), while the
+kvpress worker prefills into a plain ``DynamicCache`` (every layer holds every token) and its
+press hook runs on every attention layer, sliding-window layers included, at the same keep ratio
+(the sliding layers' attention mask still limits what they read). The rows say so (``kvpress_layers``).
 """
 
 from __future__ import annotations
@@ -23,11 +29,11 @@ def kvpress_cell(task: str, length: int, press: str, budget: int) -> str:
 
 
 def compare_kvpress(out: Path, tasks: list[str], length: int, samples: int, seed: int, budgets: list[int],
-                    presses: list[str], threads: int = 2) -> None:
+                    presses: list[str], threads: int = 2, model: str | None = None) -> None:
     """Run the presses at the budgets' keep ratios and merge the rows into ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     results = Results(out / "results.jsonl")
-    tokenizer = default_tokenizer()
+    tokenizer = model_tokenizer(model)
     instances = [i for task in tasks for i in build_instances(task, tokenizer, length, samples, seed)]
     context = len(instances[0].context_ids)
     keep_of = {budget: budget / context for budget in budgets}
@@ -39,13 +45,30 @@ def compare_kvpress(out: Path, tasks: list[str], length: int, samples: int, seed
     write_jsonl(instances, instances_path)
     todo_presses = sorted({p for p, _ in todo})
     rows = kvpress_compare.run(instances_path, todo_presses, [keep_of[b] for b in budgets], out / f"kvpress_rows_{length}.jsonl",
-                                threads=threads)
+                                threads=threads, model=model)
     budget_of = {round(keep, 9): budget for budget, keep in keep_of.items()}
     for (task, press, budget), group in group_rows(rows, budget_of).items():
         cell = kvpress_cell(task, length, press, budget)
         if cell not in results.done and (press, budget) in todo:
-            results.write(kvpress_result_row(cell, task, length, press, budget, keep_of[budget], seed, group, threads))
+            row = kvpress_result_row(cell, task, length, press, budget, keep_of[budget], seed, group, threads)
+            results.write(row | {"model": model or "smollm2", "kvpress_layers": kvpress_layers(model)})
     write_report(out)
+
+
+def model_tokenizer(model: str | None):
+    """The tokenizer the instances are built with: the embedded one, or the model's own."""
+    if model in (None, "", "smollm2"):
+        return default_tokenizer()
+    from tokensift.models import load_model
+
+    return load_model(model)[1]
+
+
+def kvpress_layers(model: str | None) -> str:
+    """Which layers the kvpress press compresses (see the module docstring)."""
+    if model in ("gemma3", "gemma3-270m"):
+        return "every attention layer (Gemma 3: 15 sliding-window + 3 full-attention), plain DynamicCache"
+    return "every attention layer"
 
 
 def group_rows(rows: list[dict], budget_of: dict) -> dict:

@@ -156,14 +156,34 @@ def make_runs(presses: list[str], keep_ratios: list[float]) -> list[dict]:
     ]
 
 
+def model_files(model: str | None) -> tuple[Path, Path | None]:
+    """The GGUF file the kvpress worker loads for ``model`` and the tokenizer folder to pair with it.
+
+    ``None``/``smollm2``: the embedded SmolLM2; ``gemma3``: Gemma 3 270M (its converted folder holds
+    the tokenizer tokensift uses); a ``.gguf`` path: that file (tokenizer read from the file).
+    """
+    from tokensift.models import DEFAULT_MODEL, GEMMA_ALIASES, converted_dir, ensure_converted, gemma3_gguf
+
+    if model in (None, "", DEFAULT_MODEL):
+        return embedded_gguf_path(), _saved_tokenizer_dir()
+    if model in GEMMA_ALIASES:
+        gguf = gemma3_gguf()
+        ensure_converted(gguf)
+        return gguf, converted_dir(gguf)
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf" and path.exists():
+        return path.resolve(), None
+    raise TokensiftError(f"kvpress compare needs smollm2, gemma3 or a .gguf file (kvpress loads GGUF weights), got {model!r}")
+
+
 def write_job(instances_path: Path, runs: list[dict], rows_path: Path, job_path: Path, threads: int,
-              separate: bool = False, done: list[str] | None = None) -> Path:
+              separate: bool = False, done: list[str] | None = None, model: str | None = None) -> Path:
     """The json the worker reads (``done``: ``key|press|keep_ratio`` pairs it skips)."""
-    tokenizer_dir = _saved_tokenizer_dir()
+    gguf, tokenizer_dir = model_files(model)
     job = {
         "instances": str(instances_path),
         "out": str(rows_path),
-        "gguf": str(embedded_gguf_path()),
+        "gguf": str(gguf),
         "tokenizer": str(tokenizer_dir) if tokenizer_dir else None,
         "threads": threads,
         "runs": runs,
@@ -204,6 +224,7 @@ def run(
     threads: int = 2,
     timeout_s: float | None = None,
     separate: bool = False,
+    model: str | None = None,
 ) -> list[dict]:
     """Run kvpress ``presses`` at each kept fraction in ``ratios`` on the instances; score rows.
 
@@ -222,7 +243,8 @@ def run(
     if wanted - set(done):
         python = ensure_kvpress_venv(venv)
         with tempfile.TemporaryDirectory(prefix="tokensift-kvpress-") as tmp:
-            job = write_job(instances_path.resolve(), runs, raw_path.resolve(), Path(tmp) / "job.json", threads, separate, done)
+            job = write_job(instances_path.resolve(), runs, raw_path.resolve(), Path(tmp) / "job.json", threads, separate, done,
+                            model)
             _run_worker(python, job, timeout_s)
     latest = {pair_key(row["key"], row): row for row in read_rows(raw_path)}
     rows = [score_row(latest[pair], instances[pair.split("|")[0]]) for pair in sorted(wanted) if pair in latest]

@@ -6,6 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from tokensift.bench.long_report import is_long, plot_long, section_long
 from tokensift.bench.tasks import QUERY_AGNOSTIC, RETRIEVAL_TASKS
 
 HEADLINE_THRESHOLD = 0.5
@@ -141,6 +142,7 @@ def write_report(out: Path) -> None:
     sections = [
         "# tokensift benchmark report",
         describe_run(rows),
+        section_long(rows) if is_long(rows) else "",
         section_headline(rows),
         section_full(rows),
         section_metric(rows, "ppl", "Perplexity of the last 512 tokens (policy active while they are fed)", lambda r: fmt(r["ppl"])),
@@ -160,7 +162,9 @@ def describe_run(rows: list[dict]) -> str:
     libraries = sorted({r.get("library", "tokensift") for r in rows})
     kernels = sorted({r.get("kernels", "stock") for r in rows if r.get("library", "tokensift") == "tokensift"})
     threads = sorted({r.get("machine", {}).get("threads") for r in rows if r.get("machine", {}).get("threads")})
+    models = sorted({r.get("model", "smollm2") for r in rows if r.get("library", "tokensift") == "tokensift"})
     return (
+        f"Model: {', '.join(models)}. "
         f"Suite `{first.get('suite')}`, seed {first.get('seed')}, samples per retrieval cell {samples}, "
         f"libraries: {', '.join(libraries)}. Versions: {first.get('versions')}. Machine: {first.get('machine', {}).get('cpu')}, "
         f"threads per process {threads}; tokensift linear kernels: {', '.join(kernels)}.\n\n"
@@ -181,6 +185,8 @@ def write_plots(rows: list[dict], out: Path) -> None:
         plot_score_vs_budget(rows, length, out, plt)
         plot_score_vs_bytes(rows, length, out, plt)
     plot_speed_vs_length(rows, out, plt)
+    if is_long(rows):
+        plot_long(rows, out, plt)
 
 
 LINE_STYLES = ("-", "--", ":", "-.")  # with markers, keep lines apart once the 10 default colors repeat

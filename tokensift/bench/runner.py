@@ -26,7 +26,7 @@ import torch
 
 from tokensift.bench import metrics
 from tokensift.bench.replay import merge_caches, record_prefill, replay
-from tokensift.bench.tasks import QUERY_AGNOSTIC, RETRIEVAL_TASKS, build_instances, get_task
+from tokensift.bench.tasks import QUERY_AGNOSTIC, RETRIEVAL_TASKS, RULER_TASKS, build_instances, get_task
 from tokensift.cache import SelectingLayer
 from tokensift.errors import TokensiftError
 from tokensift.generate import Decoder, left_pad
@@ -64,9 +64,17 @@ class BenchConfig:
     lm_budgets: list[int] = field(default_factory=list)  # ppl/fidelity budgets (default: ``budgets``)
     model: str | None = None
     kernels: str = "packed"  # linear layers on prepacked oneDNN weights ("stock": PyTorch's default path)
+    length_samples: list[list[int]] = field(default_factory=list)  # [[length, samples], ...]: fewer prompts at some lengths
+    full_gate: float | None = None  # run a task's policies only where the full cache scores at least this
+
+    def samples_at(self, length: int) -> int:
+        """Retrieval prompts per cell at ``length`` (``samples`` unless ``length_samples`` says otherwise)."""
+        return dict((n, s) for n, s in self.length_samples).get(length, self.samples)
 
     @classmethod
     def for_suite(cls, suite: str, **overrides) -> BenchConfig:
+        if suite not in SUITES:
+            raise TokensiftError(f"unknown suite '{suite}'; use one of: {', '.join(SUITES)}")
         base = SUITES[suite]()
         if overrides.get("tasks") is not None and overrides.get("full_only_tasks") is None:
             base.full_only_tasks = []  # tasks named by hand run with every policy
@@ -87,7 +95,7 @@ def default_policies() -> list[str]:
 
 SUITES = {
     "quick": lambda: BenchConfig(
-        suite="quick", budgets=[128], lengths=[1024], tasks=list(RETRIEVAL_TASKS) + ["ppl", "fidelity", "cost"],
+        suite="quick", budgets=[128], lengths=[1024], tasks=list(RULER_TASKS) + ["ppl", "fidelity", "cost"],
         samples=2, ppl_length=2048, fidelity_samples=1, cost_lengths=[1024],
         policies=["full", "streaming_llm", "snapkv", "h2o", "tova", "knorm", "a2sf", "random"],
     ),
@@ -96,13 +104,21 @@ SUITES = {
     # with --tasks to run them with every policy)
     "standard": lambda: BenchConfig(
         suite="standard", budgets=[64, 128, 256, 512, 1024], lengths=[4096],
-        tasks=list(RETRIEVAL_TASKS) + ["ppl", "fidelity", "cost"], samples=20, cost_lengths=[4096],
+        tasks=list(RULER_TASKS) + ["ppl", "fidelity", "cost"], samples=20, cost_lengths=[4096],
         full_only_tasks=["niah_multivalue", "niah_multikey", "niah_multiquery", "vt", "cwe"], lm_budgets=[128, 512],
     ),
     "full": lambda: BenchConfig(
         suite="full", budgets=[64, 128, 256, 512, 1024], lengths=[1024, 2048, 4096, 8192],
-        tasks=list(RETRIEVAL_TASKS) + ["ppl", "fidelity", "cost"], samples=20,
+        tasks=list(RULER_TASKS) + ["ppl", "fidelity", "cost"], samples=20,
         protocols=[QUERY_AGNOSTIC, "query_aware"], cost_lengths=[1024, 2048, 4096, 8192],
+    ),
+    # long context on Gemma 3 270M (32k context; 15 of its 18 layers slide over 512 tokens, so
+    # policies act on the 3 full-attention layers): each task's full cache first, then every policy
+    # at 4 budgets where the full cache scores >= 0.3 (the others are reported, not run further)
+    "long": lambda: BenchConfig(
+        suite="long", model="gemma3", budgets=[256, 512, 1024, 2048], lengths=[8192, 16384, 32768],
+        tasks=["niah", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "essay_qa"],
+        samples=8, length_samples=[[32768, 4]], full_gate=0.3,
     ),
 }
 
@@ -221,7 +237,15 @@ def environment(config: BenchConfig) -> dict:
         "seed": config.seed,
         "suite": config.suite,
         "kernels": config.kernels,
+        "model": model_name(config.model),
     }
+
+
+def model_name(model: str | None) -> str:
+    """The model as rows and reports name it (``smollm2`` when none was given)."""
+    from tokensift.models import DEFAULT_MODEL
+
+    return model or DEFAULT_MODEL
 
 
 def make_row(task, protocol, length, setting: Setting, config, scores: list[float], extra: dict) -> dict:
@@ -311,7 +335,7 @@ def run_retrieval(model, tokenizer, config, results, task, protocol, length, set
     pending = results.pending(task, protocol, length, settings)
     if not pending:
         return
-    instances = build_instances(task, tokenizer, length, config.samples, config.seed, protocol)
+    instances = build_instances(task, tokenizer, length, config.samples_at(length), config.seed, protocol)
     scores = {s: [] for s in pending}
     kv = {s: [] for s in pending}
     started = time.perf_counter()
@@ -459,7 +483,7 @@ def job_settings(job: Job, config: BenchConfig, settings: list[Setting]) -> list
 
 def job_units(job: Job, config: BenchConfig, settings: list[Setting]) -> int:
     count = len(job_settings(job, config, settings))
-    samples = {"ppl": config.ppl_samples, "fidelity": config.fidelity_samples}.get(job.task, config.samples)
+    samples = {"ppl": config.ppl_samples, "fidelity": config.fidelity_samples}.get(job.task, config.samples_at(job.length))
     return count * samples
 
 
@@ -469,8 +493,33 @@ def run_job(job: Job, model, tokenizer, config: BenchConfig, results: Results, s
         run_ppl(model, tokenizer, config, results, chosen, progress)
     elif job.task == "fidelity":
         run_fidelity(model, tokenizer, config, results, job.length, chosen, progress)
+    elif config.full_gate is not None and not job.full_only:
+        run_gated(model, tokenizer, config, results, job, chosen, progress)
     else:
         run_retrieval(model, tokenizer, config, results, job.task, job.protocol, job.length, chosen, progress)
+
+
+def run_gated(model, tokenizer, config: BenchConfig, results: Results, job: Job, chosen, progress) -> None:
+    """The full cache first; the other settings only where it scores at least ``config.full_gate``."""
+    full = [s for s in chosen if s.policy == "full" and s.budget is None and s.ratio is None]
+    run_retrieval(model, tokenizer, config, results, job.task, job.protocol, job.length, full, progress)
+    score = full_score(results.path, cell_key(job.task, job.protocol, job.length, Setting("full")))
+    if score is not None and score < config.full_gate:
+        progress(sum(config.samples_at(job.length) for s in chosen if s not in full))
+        return
+    run_retrieval(model, tokenizer, config, results, job.task, job.protocol, job.length, chosen, progress)
+
+
+def full_score(path: Path, cell: str) -> float | None:
+    """The score of ``cell`` in a results file (None if it is not there)."""
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        if line.strip() and f'"{cell}"' in line:
+            row = json.loads(line)
+            if row.get("cell") == cell:
+                return row.get("score")
+    return None
 
 
 def chosen_kernels(model, config: BenchConfig):

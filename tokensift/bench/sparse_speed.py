@@ -152,8 +152,13 @@ def fork_cache(model, prefilled, policy):
     """A new cache for ``policy`` holding the prefilled full cache's tokens (tensors shared)."""
     from tokensift.cache import make_cache
 
+    from tokensift.cache import SelectingLayer
+
     cache = make_cache(model, policy)
-    for source, target in zip(prefilled.selecting_layers, cache.selecting_layers):
+    for source, target in zip(prefilled.layers, cache.layers):
+        if not isinstance(target, SelectingLayer):  # sliding-window layers (Gemma 3): append makes new tensors
+            target.__dict__.update(source.__dict__)
+            continue
         for name in ("keys", "values", "positions", "ranks", "valid", "sink", "valid_seen", "dtype", "device"):
             setattr(target, name, getattr(source, name))
         target.seen, target.is_initialized = source.seen, True
@@ -173,26 +178,50 @@ def prompt_ids(tokenizer, length: int) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
+_ORIGINAL_ATTENTION: list = [None]
+ATTENTION_SECONDS: dict = {}  # layer type -> seconds inside the attention function (see timed_attention)
+
+
+def timed_attention(module, *args, **kwargs):
+    """The tokensift attention function, timed per layer type (sliding / full) into ATTENTION_SECONDS."""
+    kind = "sliding" if kwargs.get("sliding_window") else "full"
+    start = time.perf_counter()
+    out = _ORIGINAL_ATTENTION[0](module, *args, **kwargs)
+    ATTENTION_SECONDS[kind] = ATTENTION_SECONDS.get(kind, 0.0) + time.perf_counter() - start
+    return out
+
+
 @torch.inference_mode()
-def decode(model, cache, first: torch.Tensor, steps: int) -> tuple[list[float], list[int]]:
-    """Greedy decode ``steps`` tokens from ``first``; per-step seconds and the tokens."""
+def decode(model, cache, first: torch.Tensor, steps: int, shares: list | None = None) -> tuple[list[float], list[int]]:
+    """Greedy decode ``steps`` tokens from ``first``; per-step seconds and the tokens.
+
+    ``shares`` (optional) gets, per step, the seconds spent in attention per layer type.
+    """
     seen = cache.get_seq_length()
     token, times, tokens = first, [], []
     for step in range(steps):
+        ATTENTION_SECONDS.clear()
         start = time.perf_counter()
         out = model(input_ids=token[:, None], position_ids=torch.tensor([[seen + step]]),
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1)
         times.append(time.perf_counter() - start)
         tokens.append(int(token))
+        if shares is not None:
+            shares.append(dict(ATTENTION_SECONDS))
     return times, tokens
 
 
-def end_to_end_rows(context: int, steps: int, rounds: int, threads: tuple[int, ...]) -> list[dict]:
+def end_to_end_rows(context: int, steps: int, rounds: int, threads: tuple[int, ...], model_name: str | None = None,
+                    loaded=None) -> list[dict]:
+    from transformers import AttentionInterface
+
+    from tokensift import attention
+    from tokensift.attention import NAME
     from tokensift.cache import make_cache
     from tokensift.models import load_model
 
-    model, tokenizer = load_model()
+    model, tokenizer = loaded or load_model(model_name)
     ids = prompt_ids(tokenizer, context)
     prefilled = make_cache(model, build_policy("full"))
     torch.set_num_threads(max(threads))
@@ -212,15 +241,25 @@ def end_to_end_rows(context: int, steps: int, rounds: int, threads: tuple[int, .
         tokens: dict[str, list[int]] = {}
         stats: dict[str, dict] = {}
         loads = []
-        for _ in range(rounds):  # interleaved rounds: drift in machine load hits every method alike
-            for name, policy in policies.items():
-                cache = fork_cache(model, prefilled, policy)
-                loads.append(os.getloadavg()[0])
-                step_times, out = decode(model, cache, first, steps)
-                times[name].extend(step_times[1:])  # the first step pays one-off allocations
-                tokens.setdefault(name, out)
-                stats[name] = read_stats(cache)
-                del cache
+        shares: dict[str, list[dict]] = {name: [] for name in policies}
+        _ORIGINAL_ATTENTION[0] = attention.tokensift_attention
+        attention.tokensift_attention = timed_attention  # make_cache re-registers the module's function
+        AttentionInterface.register(NAME, timed_attention)
+        try:
+            for _ in range(rounds):  # interleaved rounds: drift in machine load hits every method alike
+                for name, policy in policies.items():
+                    cache = fork_cache(model, prefilled, policy)
+                    loads.append(os.getloadavg()[0])
+                    step_shares: list[dict] = []
+                    step_times, out = decode(model, cache, first, steps, step_shares)
+                    times[name].extend(step_times[1:])  # the first step pays one-off allocations
+                    shares[name].extend(step_shares[1:])
+                    tokens.setdefault(name, out)
+                    stats[name] = read_stats(cache)
+                    del cache
+        finally:
+            attention.tokensift_attention = _ORIGINAL_ATTENTION[0]
+            AttentionInterface.register(NAME, _ORIGINAL_ATTENTION[0])
         full_step = statistics.median(times["full"])
         buffered_step = statistics.median(times[FULL_BUFFERED])
         for name in policies:
@@ -232,17 +271,25 @@ def end_to_end_rows(context: int, steps: int, rounds: int, threads: tuple[int, .
                 "prefill_tokens": ids.shape[1], "decode_steps": steps, "rounds": rounds, "median_step_s": step,
                 "tokens_per_s": 1.0 / step, "speedup": full_step / step, "speedup_vs_full_buffered": buffered_step / step,
                 "greedy_agreement_with_full": agree, "reads": stats[name], "prefill_s": prefill_s,
+                "model": model_name or "smollm2", "attention_s_per_step": attention_split(shares[name]),
+                "attention_share": sum(attention_split(shares[name]).values()) / step,
                 "load_1min": [round(min(loads), 2), round(max(loads), 2)],
             })
-        rows.append(breakdown_row(prefilled, context, count_threads))
+        rows.append(breakdown_row(prefilled, context, count_threads, model.config.get_text_config().num_attention_heads))
     return rows
 
 
-def breakdown_row(prefilled, context: int, threads: int) -> dict:
-    """Per-token costs at this context for the model's 30 layers: dense attention, K/V append."""
+def attention_split(shares: list[dict]) -> dict:
+    """Median seconds per decode step inside the attention function, per layer type."""
+    kinds = sorted({kind for share in shares for kind in share})
+    return {kind: statistics.median(share.get(kind, 0.0) for share in shares) for kind in kinds}
+
+
+def breakdown_row(prefilled, context: int, threads: int, q_heads: int = 9) -> dict:
+    """Per-token costs at this context over the model's full-attention layers: dense attention, K/V append."""
     layer = prefilled.selecting_layers[0]
     keys, values = layer.keys, layer.values
-    query = torch.randn(1, 9, 1, keys.shape[-1])
+    query = torch.randn(1, q_heads, 1, keys.shape[-1])
     _, packed = full_sdpa(query, keys, values, keys.shape[-1] ** -0.5)
     new = keys[:, :, :1]
     attend = median_time(packed, 9)
@@ -267,24 +314,32 @@ def write_report(rows: list[dict], out_dir: pathlib.Path) -> None:
         loads = sorted(r["load"][0] for r in part)
         lines += ["", f"1-min load average during this table: {loads[0]}–{loads[-1]} (2 cores).", ""]
     e2e = [r for r in rows if r["section"] == "end_to_end"]
-    for threads in sorted({r["threads"] for r in e2e}, reverse=True):
-        part = [r for r in e2e if r["threads"] == threads]
+    groups = sorted({(r["context"], r["threads"]) for r in e2e}, key=lambda g: (g[0], -g[1]))
+    for context, threads in groups:
+        part = [r for r in e2e if r["threads"] == threads and r["context"] == context]
         r0 = part[0]
-        lines += [f"## (b) End-to-end greedy decode, SmolLM2-135M, {r0['prefill_tokens']}-token prompt — {threads} thread(s)", "",
+        model = r0.get("model", "smollm2")
+        lines += [f"## (b) End-to-end greedy decode, model `{model}`, {r0['prefill_tokens']}-token prompt — {threads} thread(s)", "",
                   f"One full prefill ({r0['prefill_s']:.0f} s), forked for every method; {r0['decode_steps']} steps x "
                   f"{r0['rounds']} interleaved rounds (first step of each dropped); 1-min load {r0['load_1min'][0]}–{r0['load_1min'][1]}.",
                   f"`{FULL_BUFFERED}` is stock dense attention through a reading layer that never reads a subset "
-                  "(same append path as the sparse methods), so the last column isolates the gain of reading a subset.", "",
-                  "| policy | tokens/s | ms/token | speedup vs full | vs full (buffered append) | greedy agreement with full (32 tokens) | sparse/dense layer-reads |",
-                  "|---|---:|---:|---:|---:|---:|---|"]
+                  "(same append path as the sparse methods), so that column isolates the gain of reading a subset. "
+                  "Attention ms/step: median time inside the attention function per decode step, full-attention "
+                  "layers (where a policy reads a subset) / sliding-window layers; share = both / step time.", "",
+                  "| policy | tokens/s | ms/token | speedup vs full | vs full (buffered append) | greedy agreement with full | "
+                  "sparse/dense layer-reads | attention ms/step full / sliding | attention share of step |",
+                  "|---|---:|---:|---:|---:|---:|---|---|---:|"]
         for r in part:
             reads = r["reads"]
             detail = f"{reads.get('sparse', 0)}/{reads.get('dense', 0)}" if reads else "-"
+            split = r.get("attention_s_per_step") or {}
+            attention = f"{split.get('full', 0) * 1e3:.1f} / {split.get('sliding', 0) * 1e3:.1f}" if split else "-"
+            share = f"{r['attention_share']:.0%}" if r.get("attention_share") is not None else "-"
             lines.append(f"| {r['policy']} | {r['tokens_per_s']:.2f} | {r['median_step_s'] * 1e3:.1f} | {r['speedup']:.2f}x | "
-                         f"{r['speedup_vs_full_buffered']:.2f}x | {r['greedy_agreement_with_full']:.2f} | {detail} |")
+                         f"{r['speedup_vs_full_buffered']:.2f}x | {r['greedy_agreement_with_full']:.2f} | {detail} | {attention} | {share} |")
         for r in rows:
-            if r["section"] == "breakdown" and r["threads"] == threads:
-                lines += ["", f"Per-token cost at {r['context']} tokens over {r['layers']} layers ({threads} thread(s)): dense "
+            if r["section"] == "breakdown" and r["threads"] == threads and r["context"] == context:
+                lines += ["", f"Per-token cost at {r['context']} tokens over {r['layers']} full-attention layers ({threads} thread(s)): dense "
                           f"attention {r['dense_attention_s_per_token'] * 1e3:.1f} ms; appending the new K/V the stock way "
                           f"(torch.cat of the whole layer cache) {r['kv_append_cat_s_per_token'] * 1e3:.1f} ms.", ""]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
@@ -320,11 +375,11 @@ def plot(rows: list[dict], out_dir: pathlib.Path) -> None:
     ax.legend(fontsize=6)
     if e2e:
         ax = axes[0][1]
-        part = [r for r in e2e if r["threads"] == threads_e]
+        part = [r for r in e2e if r["threads"] == threads_e and r["context"] == max(x["context"] for x in e2e)]
         ax.bar([r["policy"] for r in part], [r["tokens_per_s"] for r in part],
                color=["grey", "darkgrey"] + ["tab:blue"] * (len(part) - 2))
         ax.set_ylabel("decode tokens/s")
-        ax.set_title(f"(b) SmolLM2-135M decode after {part[0]['prefill_tokens']} tokens, k={K}, {threads_e} thread(s)", fontsize=9)
+        ax.set_title(f"(b) {part[0].get('model', 'smollm2')} decode after {part[0]['prefill_tokens']} tokens, k={K}, {threads_e} thread(s)", fontsize=9)
         ax.tick_params(axis="x", rotation=30, labelsize=7)
     fig.tight_layout()
     fig.savefig(out_dir / "sparse_speed.png", dpi=110)
@@ -333,18 +388,31 @@ def plot(rows: list[dict], out_dir: pathlib.Path) -> None:
 
 def run_sparse_speed(out_dir: pathlib.Path, *, kernel_repeats: int = 15, context: int = 8128, steps: int = 32,
                      rounds: int = 2, end_to_end: bool = True, threads: tuple[int, ...] = THREADS,
-                     e2e_threads: tuple[int, ...] = (1,)) -> None:
-    """Run (a) and (b); write results.jsonl, report.md and sparse_speed.png into ``out_dir``."""
+                     e2e_threads: tuple[int, ...] = (1,), model: str | None = None,
+                     lengths: list[int] | None = None, kernel: bool | None = None) -> None:
+    """Run (a) and (b); write results.jsonl, report.md and sparse_speed.png into ``out_dir``.
+
+    ``model`` (default: the embedded SmolLM2) and ``lengths`` (default: ``context``) choose the
+    end-to-end runs; with another model the kernel section (synthetic shapes) is skipped unless
+    ``kernel`` says otherwise.
+    """
+    from tokensift.models import load_model
+
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = torch.get_num_threads()
     rows: list[dict] = []
+    kernel = (model in (None, "smollm2")) if kernel is None else kernel
     try:
-        for count_threads in threads:
+        for count_threads in threads if kernel else ():
             torch.set_num_threads(count_threads)
             rows += kernel_rows(kernel_repeats, count_threads)
         if end_to_end:
-            rows += end_to_end_rows(context, steps, rounds, e2e_threads)
+            loaded = load_model(model)
+            for length in lengths or [context]:
+                rows += end_to_end_rows(length, steps, rounds, e2e_threads, model, loaded)
+                with open(out_dir / "results.partial.jsonl", "a") as handle:  # progress survives a long run
+                    handle.write(json.dumps(rows[-1]) + "\n")
     finally:
         torch.set_num_threads(previous)
     with open(out_dir / "results.jsonl", "w") as handle:

@@ -181,8 +181,11 @@ def _geomean(values):
     return float(torch.tensor(values).log().mean().exp()) if values else float("nan")
 
 
-def run_spec_suite(out_dir: Path) -> None:
-    """Run the spec suite; writes results.jsonl, cost_curve.json and report.md into ``out_dir``."""
+def run_spec_suite(out_dir: Path, model: str | None = None) -> None:
+    """Run the spec suite; writes results.jsonl, cost_curve.json and report.md into ``out_dir``.
+
+    ``model``: what :func:`tokensift.models.load_model` takes (default: the embedded SmolLM2).
+    """
     from tokensift.kernels import packed_linears
     from tokensift.models import load_model
     from tokensift.speculative import Speculator, measure_cost
@@ -194,7 +197,8 @@ def run_spec_suite(out_dir: Path) -> None:
     ablation = _env("TOKENSIFT_SPEC_ABLATION", 1)
     threads = _env("TOKENSIFT_SPEC_THREADS", 2)
     torch.set_num_threads(threads)
-    model, tokenizer = load_model()
+    model_label = model or "smollm2"
+    model, tokenizer = load_model(model_label)
     load_before = os.getloadavg()
 
     sizes = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -240,7 +244,7 @@ def run_spec_suite(out_dir: Path) -> None:
             for method, run in runs.items():
                 outcome = run()
                 outputs[method] = outcome.pop("tokens")
-                record = {"category": prompt["category"], "prompt": prompt["name"], "prompt_tokens": len(ids),
+                record = {"model": model_label, "category": prompt["category"], "prompt": prompt["name"], "prompt_tokens": len(ids),
                           "method": method, "new_tokens": len(outputs[method]),
                           "identical_to_plain": outputs[method] == outputs["plain"], **outcome,
                           "load": round(os.getloadavg()[0], 2)}
@@ -273,7 +277,8 @@ def write_report(out_dir: Path, records: list[dict], curves: dict, load_before, 
                 out.append(a["tokens_per_second"] / b["tokens_per_second"])
         return out
 
-    lines = [f"# spec suite: lossless draft-free speculative decoding (SmolLM2-135M fp32, {threads} threads)", "",
+    model_label = records[0].get("model", "smollm2") if records else "smollm2"
+    lines = [f"# spec suite: lossless draft-free speculative decoding (model `{model_label}`, fp32, {threads} threads)", "",
              f"{new_tokens} new tokens (or EOS), {per_category} prompts per category; load average (1/5/15 min) "
              f"before {tuple(round(x, 2) for x in load_before)}, after {tuple(round(x, 2) for x in load_after)} "
              "on a 2-core machine shared with other jobs. Speedup = ratio of decode-phase tokens/s of the same "

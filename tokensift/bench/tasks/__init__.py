@@ -9,13 +9,14 @@ Typical use::
     write_jsonl(instances, "niah-4k.jsonl")
     score(instances[0], "The special magic number for ... is 58213.")
 
-Tasks: niah, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe (RULER-style retrieval),
+Tasks: niah, niah_multikey, niah_multivalue, niah_multiquery, vt, cwe (RULER-style retrieval), essay_qa
+(a question about the essay text itself),
 ppl (perplexity stream) and fidelity (continuation prompts). See ``base`` for the length rule.
 """
 
 from __future__ import annotations
 
-from tokensift.bench.tasks import cwe, fidelity, niah, niah_multikey, niah_multiquery, niah_multivalue, ppl, vt  # noqa: F401  (registration)
+from tokensift.bench.tasks import cwe, essay_qa, fidelity, niah, niah_multikey, niah_multiquery, niah_multivalue, ppl, vt  # noqa: F401  (registration)
 from tokensift.bench.tasks.base import ANSWER_ROOM, context_length
 from tokensift.bench.tasks.instance import (
     PROTOCOLS, QUERY_AGNOSTIC, QUERY_AWARE, TaskInstance, read_jsonl, write_jsonl,
@@ -23,7 +24,8 @@ from tokensift.bench.tasks.instance import (
 from tokensift.bench.tasks.registry import TASKS, Task, get_task
 from tokensift.bench.tasks.tokenizer import default_tokenizer
 
-RETRIEVAL_TASKS = ("niah", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe")
+RULER_TASKS = ("niah", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe")
+RETRIEVAL_TASKS = RULER_TASKS + ("essay_qa",)  # tasks answered by greedy decoding after the context
 
 
 def list_tasks() -> list[str]:
@@ -45,7 +47,7 @@ def score(instance: TaskInstance, generated: str) -> float:
 
 
 __all__ = [
-    "ANSWER_ROOM", "PROTOCOLS", "QUERY_AGNOSTIC", "QUERY_AWARE", "RETRIEVAL_TASKS", "TASKS",
+    "ANSWER_ROOM", "PROTOCOLS", "QUERY_AGNOSTIC", "QUERY_AWARE", "RETRIEVAL_TASKS", "RULER_TASKS", "TASKS",
     "Task", "TaskInstance", "build_instances", "context_length", "default_tokenizer",
     "get_task", "list_tasks", "read_jsonl", "score", "write_jsonl",
 ]
