@@ -209,6 +209,13 @@ def test_apply_leaves_what_was_there_before():
     assert model.config._attn_implementation == NAME and getattr(model, HOOK_FLAG, None) is not None
 
 
+def test_apply_parameters_need_a_policy_name():
+    model = tiny_llama()
+    with pytest.raises(TokensiftError, match="policy name"), tokensift.apply(model, budget=64):
+        pass
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_apply_restores_even_after_an_error():
     model = tiny_llama()
     model.set_attn_implementation("eager")

@@ -191,7 +191,7 @@ def hits_stop_string(tokenizer, ids: list[int], stops: Sequence[str]) -> bool:
 def stream_prompt(streamer, ids: list[int]) -> None:
     """Hand the prompt to a transformers streamer first, as ``model.generate`` does."""
     if streamer is not None:
-        streamer.put(torch.tensor([ids], dtype=torch.long))
+        streamer.put(torch.tensor([ids], dtype=torch.long, device="cpu"))  # streamers read host tensors
 
 
 @torch.inference_mode()

@@ -19,6 +19,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from tokensift.attention import NAME
 from tokensift.cache import make_cache
+from tokensift.errors import TokensiftError
 from tokensift.generate import generate, resolve_policy
 from tokensift.hooks import install_input_ids_hook, remove_input_ids_hook
 
@@ -30,6 +31,8 @@ def apply(model, policy=None, **params):
     """Yield a selecting cache for ``model`` under ``policy`` (a name, an expression or a Policy;
     ``params`` such as ``budget=`` go to ``build_policy``); restore the model's attention
     implementation and remove the input-ids hook on exit."""
+    if params and not isinstance(policy, str):
+        raise TokensiftError("apply(): parameters such as budget= go with a policy name, e.g. apply(model, 'snapkv', budget=256)")
     previous = getattr(model.config, "_attn_implementation", None)
     installed = install_input_ids_hook(model)
     try:
