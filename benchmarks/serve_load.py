@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/serve_load.py batching --out benchmarks/results/serve
 
 ``load``: N concurrent streamed requests of mixed policies (and some speculative ones); reports
-throughput, p50/p95 time to first token and per-token latency, errors and the server's peak RSS.
+throughput, p50/p95 time to first token and per-token latency, errors and the server's peak RSS,
+beside a same-run baseline: the first ``--baseline`` requests sent one at a time beforehand.
 ``batching``: the same 8 greedy requests sent one after another, then all at once, then one
 after another again; reports total tokens/s of each. The script starts the server itself
 (``tokensift serve`` in a subprocess on a free port) unless ``--url`` is given.
@@ -144,6 +145,12 @@ async def run_load(url: str, args) -> dict:
     prompts = essay_prompts(args.requests, args.seed)
     limits = httpx.Limits(max_connections=args.requests + 10)
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0), limits=limits) as client:
+        baseline = None
+        if args.baseline:  # the first requests of the mix, one at a time: the same-run reference
+            start = time.perf_counter()
+            done = [await one_request(client, url, p, MIX[i % len(MIX)], args.max_tokens, args.temperature)
+                    for i, p in enumerate(prompts[:args.baseline])]
+            baseline = summary(done, time.perf_counter() - start)
         start = time.perf_counter()
         results = await asyncio.gather(*(one_request(client, url, p, MIX[i % len(MIX)], args.max_tokens, args.temperature)
                                          for i, p in enumerate(prompts)))
@@ -159,7 +166,23 @@ async def run_load(url: str, args) -> dict:
         "ttft_p50_s": round(percentile(ttft, 0.5), 3), "ttft_p95_s": round(percentile(ttft, 0.95), 3),
         "per_token_p50_s": round(percentile(per_token, 0.5), 4), "per_token_p95_s": round(percentile(per_token, 0.95), 4),
         "mix": MIX, "batched_requests": sum(bool(r.get("batched")) for r in ok),
+        "sequential_baseline": baseline,
+        "speedup_vs_sequential": round(tokens / wall / baseline["tokens_per_s"], 2) if baseline else None,
+        "by_kind": by_kind(ok),
     }
+
+
+def by_kind(results: list[dict]) -> dict:
+    """Per policy (or drafter): requests, tokens, median time to first token and per token."""
+    kinds: dict[str, list[dict]] = {}
+    for r in results:
+        extra = r["extra"]
+        kind = f"speculate={extra['speculate']}" if "speculate" in extra else extra.get("policy", "full")
+        kinds.setdefault(kind, []).append(r)
+    return {kind: {"requests": len(rs), "tokens": sum(r["tokens"] for r in rs),
+                   "ttft_p50_s": round(percentile([r["ttft"] for r in rs], 0.5), 3),
+                   "per_token_p50_s": round(percentile([r["per_token"] for r in rs if r["per_token"]], 0.5), 4)}
+            for kind, rs in sorted(kinds.items())}
 
 
 async def run_batching(url: str, args) -> dict:
@@ -199,6 +222,7 @@ def main() -> None:
     parser.add_argument("--max-queue", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--baseline", type=int, default=8, help="load: first requests also sent one at a time first.")
     parser.add_argument("--out", type=Path, help="Folder for <mode>.json.")
     args = parser.parse_args()
     server, url = (None, args.url) if args.url else start_server(args)
