@@ -243,3 +243,29 @@ def test_policy_with_batch_state_batches_its_cohort(tiny, client):
         outs = list(pool.map(call, PROMPTS[:3]))
     for prompt, out in zip(PROMPTS[:3], outs):
         assert out.choices[0].text == reference(tiny, prompt, "snapkv", 10, budget=20, **SMALL)
+
+
+def test_a_failing_generation_is_a_one_line_500_and_serving_goes_on(server, client, monkeypatch):
+    import tokensift.serve.scheduler as scheduler
+
+    real = scheduler.choose_next
+
+    def broken(logits, temperature, top_p, generator):
+        if temperature == 1.25:
+            raise RuntimeError("boom\nsecond line")
+        return real(logits, temperature, top_p, generator)
+
+    monkeypatch.setattr(scheduler, "choose_next", broken)
+    reply = httpx.post(server + "/v1/completions", json={"prompt": "5 6", "max_tokens": 3, "temperature": 1.25}, timeout=30)
+    assert reply.status_code == 500 and reply.json()["error"]["message"] == "generation failed: RuntimeError: boom"
+    assert client.completions.create(model="tiny", prompt="5 6", max_tokens=2).choices[0].text
+
+
+def test_serve_flag_errors_are_one_line(monkeypatch, capsys):
+    from tokensift import cli
+
+    monkeypatch.setattr("sys.argv", ["tokensift", "serve", "--policy", "nope"])
+    with pytest.raises(SystemExit) as done:
+        cli.main()
+    assert done.value.code == 2
+    assert capsys.readouterr().err.strip().startswith("error: unknown policy 'nope'")

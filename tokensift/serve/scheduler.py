@@ -222,7 +222,12 @@ class Scheduler:
                         self.wake.wait(timeout=0.5)
                 continue
             for group in list(self.groups):
-                self._step(group)
+                try:
+                    self._step(group)
+                except Exception as error:  # fail this batch's requests, keep serving the others
+                    self.groups.remove(group)
+                    for request in {id(seq.request): seq.request for seq in group.rows}.values():
+                        request.emit(("error", failure(error)))
             self.metrics.kv_held = sum(g.cache.kv_bytes for g in self.groups)
             if self.spec_active:
                 time.sleep(0.001)  # let the speculative thread take its turn
@@ -236,9 +241,8 @@ class Scheduler:
             try:
                 self._start(cohort)
             except Exception as error:  # a request must never take the worker down
-                message = f"generation failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
                 for request in cohort:
-                    request.emit(("error", message))
+                    request.emit(("error", failure(error)))
 
     def _pick(self) -> list[Request]:
         """The next requests to start (call with ``wake`` held).
@@ -361,7 +365,7 @@ class Scheduler:
                 request.sequences[0].finish("cancelled")
                 request.sequences[0].retire({})
             except Exception as error:
-                request.emit(("error", f"generation failed: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"))
+                request.emit(("error", failure(error)))
             finally:
                 self.spec_active = 0
 
@@ -401,6 +405,12 @@ class Scheduler:
             accepted = None
         seq.finish("length")
         seq.retire({**row_kv(cache, 0, 1), **({"accepted_per_step": accepted} if accepted is not None else {})})
+
+
+def failure(error: Exception) -> str:
+    """One line for a request that failed inside the model or the policy."""
+    detail = str(error).splitlines()[0] if str(error) else ""
+    return f"generation failed: {type(error).__name__}: {detail}"
 
 
 def policy_key(policy) -> str:
