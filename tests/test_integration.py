@@ -343,3 +343,27 @@ def test_cli_sampling_options_reach_generate(monkeypatch, capsys, tiny_folder):
     with pytest.raises(SystemExit) as exit_info:
         cli.main()
     assert exit_info.value.code == 2 and "not supported with --speculate" in capsys.readouterr().err
+
+
+def test_vision_selectors_create_nothing_off_the_model_device():
+    """The meta probe above, for every visual-token selector inside a tiny DINOv2."""
+    import transformers as tf
+
+    from tokensift.vision.selectors import selector_names
+    from tokensift.vision.vit import run_vit
+
+    torch.manual_seed(0)
+    model = tf.Dinov2Model(tf.Dinov2Config(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, mlp_ratio=2,
+                                           image_size=56, patch_size=14)).eval()
+    px = torch.randn(2, 3, 56, 56)
+    with torch.device("meta"):
+        for name in selector_names():
+            assert run_vit(model, px, name, budget=5, layer=1).last_hidden_state.shape[1] == 6, name
+
+
+def test_vision_cli_bad_device_is_one_line(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr("sys.argv", ["tokensift", "vision", "--image", str(tmp_path / "x.png"), "--device", "tpu9"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "unknown device" in err and len(err.strip().splitlines()) == 1

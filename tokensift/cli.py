@@ -307,7 +307,9 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     register_optional_commands()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except TokensiftError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

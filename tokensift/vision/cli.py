@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -28,13 +27,15 @@ def vision(
     layer: int = typer.Option(N_LAYERS, "--layer", help="Apply after this ViT layer (0..12; 12 = output)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     list_methods: bool = typer.Option(False, "--list", help="List the methods and exit."),
+    device: str = typer.Option("cpu", "--device", help="cpu (default), cuda, cuda:N, mps or auto."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 (default), bfloat16 or float16."),
 ) -> None:
     """Run the method on the image and report tokens kept, [CLS] fidelity and time."""
     try:
         if list_methods:
             _print_methods(as_json)
             return
-        result = run_on_image(image, method, keep, budget, layer)
+        result = run_on_image(image, method, keep, budget, layer, device, dtype)
     except TokensiftError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2)
@@ -42,16 +43,19 @@ def vision(
 
 
 def run_on_image(image: Optional[Path], method: str, keep: Optional[float], budget: Optional[int],
-                 layer: int) -> dict:
-    """Full and pruned forwards of the real ViT on ``image``: a JSON-ready dict."""
+                 layer: int, device=None, dtype=None) -> dict:
+    """Full and pruned forwards of the real ViT on ``image`` (on ``device``, in ``dtype``): a JSON-ready dict."""
     import torch
     import torch.nn.functional as F
+
+    from tokensift.devices import resolve_device, resolve_dtype
 
     from .images import load_image, to_pixels
     from .loader import load_vit
     from .selectors import get_selector, resolve_budget
     from .vit import run_vit
 
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     if image is None:
         raise TokensiftError("give an image with --image PATH (or --list to see the methods)")
     if keep is None and budget is None:
@@ -61,18 +65,18 @@ def run_on_image(image: Optional[Path], method: str, keep: Optional[float], budg
     if not 0 <= layer <= N_LAYERS:
         raise TokensiftError(f"layer {layer} is out of range: the ViT has layers 0..{N_LAYERS}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    px = to_pixels(load_image(image)).unsqueeze(0)
-    model = load_vit()
+    px = to_pixels(load_image(image)).unsqueeze(0).to(device, dtype)
+    model = load_vit().to(device, dtype)
     run_vit(model, px)
-    full, seconds_full = _timed(lambda: run_vit(model, px))
-    run, seconds = _timed(lambda: run_vit(model, px, selector, budget=budget, ratio=keep, layer=layer))
+    full, seconds_full = _timed(lambda: run_vit(model, px), device)
+    run, seconds = _timed(lambda: run_vit(model, px, selector, budget=budget, ratio=keep, layer=layer), device)
     out = {
         "image": str(image), "method": method, "layer": layer,
         "tokens_in": run.tokens_in, "tokens_kept": int(run.last_hidden_state.shape[1] - 1),
         "tokens_per_layer": run.tokens_per_layer,
         "kept_indices": run.indices[0].tolist(),
-        "cls_cosine": F.cosine_similarity(run.cls, full.cls).item(),
-        "pooled_cosine": F.cosine_similarity(run.pooled, full.pooled).item(),
+        "cls_cosine": F.cosine_similarity(run.cls.float(), full.cls.float()).item(),
+        "pooled_cosine": F.cosine_similarity(run.pooled.float(), full.pooled.float()).item(),
         "seconds": seconds, "seconds_full": seconds_full,
     }
     if selector.merges:
@@ -80,11 +84,13 @@ def run_on_image(image: Optional[Path], method: str, keep: Optional[float], budg
     return out
 
 
-def _timed(fn):
-    """``(fn(), wall seconds)``."""
-    start = time.perf_counter()
+def _timed(fn, device="cpu"):
+    """``(fn(), wall seconds)``, the device's queued work included."""
+    from tokensift.devices import clock
+
+    start = clock(device)
     value = fn()
-    return value, time.perf_counter() - start
+    return value, clock(device) - start
 
 
 def _methods() -> list[dict]:

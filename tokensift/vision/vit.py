@@ -246,4 +246,4 @@ def finish_encoded(model: nn.Module, enc: Encoded) -> VitRun:
     p = parts.n_protected
     B, n_in = enc.hidden.shape[0], enc.hidden.shape[1] - p
     with torch.no_grad():
-        return _finish(parts, enc.hidden, p, None, torch.ones(B, n_in), n_in, [n_in] * (len(parts.layers) + 1))
+        return _finish(parts, enc.hidden, p, None, torch.ones(B, n_in, device=enc.hidden.device), n_in, [n_in] * (len(parts.layers) + 1))

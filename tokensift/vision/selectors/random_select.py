@@ -21,5 +21,5 @@ class RandomSelect(SelectorBase):
     def select(self, tokens, budget, scores=None, layer_scores=None, text=None) -> Selection:
         gen = torch.Generator().manual_seed(self.seed)
         B, N, _ = tokens.shape
-        picks = torch.stack([torch.randperm(N, generator=gen)[:budget] for _ in range(B)])
+        picks = torch.stack([torch.randperm(N, generator=gen, device="cpu")[:budget] for _ in range(B)])
         return Selection(torch.sort(picks, dim=1).values.to(tokens.device))

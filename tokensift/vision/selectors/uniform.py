@@ -33,13 +33,13 @@ def grid_indices(n: int, k: int, grid: tuple[int, int] | None = None) -> torch.T
     """``k`` raster indices spread evenly over an ``h x w`` grid of ``n`` cells."""
     h, w = grid or _square(n)
     if h * w != n:
-        return torch.linspace(0, n - 1, k).round().long()
+        return torch.linspace(0, n - 1, k, device="cpu").round().long()
     gh = min(h, max(1, math.ceil(math.sqrt(k * h / w))))
     gw = min(w, math.ceil(k / gh))
-    rows = ((torch.arange(gh) + 0.5) * h / gh).long()
-    cols = ((torch.arange(gw) + 0.5) * w / gw).long()
+    rows = ((torch.arange(gh, device="cpu") + 0.5) * h / gh).long()  # host indices, moved by the caller
+    cols = ((torch.arange(gw, device="cpu") + 0.5) * w / gw).long()
     points = (rows[:, None] * w + cols[None, :]).flatten()
-    keep = torch.linspace(0, len(points) - 1, k).round().long()
+    keep = torch.linspace(0, len(points) - 1, k, device="cpu").round().long()
     return torch.sort(points[keep]).values
 
 

@@ -34,7 +34,7 @@ class VisionZip(SelectorBase):
         if n_ctx == 0:
             return Selection(dominant)
         rest = _complement(dominant, N)
-        targets = rest[:, torch.linspace(0, rest.shape[1] - 1, n_ctx).round().long()]
+        targets = rest[:, torch.linspace(0, rest.shape[1] - 1, n_ctx, device=rest.device).round().long()]
         return _merge_into(tokens, dominant, rest, targets)
 
 
