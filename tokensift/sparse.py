@@ -109,6 +109,7 @@ class SparsePolicy(Policy):
 
     evicts: ClassVar[bool] = False
     reads_subset: ClassVar[bool] = True
+    takes_base: ClassVar[bool] = True  # False: the reader owns its storage (``base`` is refused)
 
     window: int = 16
     k: int | None = None
@@ -325,12 +326,19 @@ def gather_attend(query, key, value, index, ok, scaling: float, query_valid=None
 
     ``ok`` (same shape) masks slots that hold nothing (padding, evicted). Returns ``[batch, 1, q_heads, dim]``.
     """
-    batch, q_heads = query.shape[:2]
-    kv_heads = key.shape[1]
+    batch, kv_heads = query.shape[0], key.shape[1]
     if index.shape[1] == 1:
         index, ok = index.expand(batch, kv_heads, -1), ok.expand(batch, kv_heads, -1)
-    keys, values = gather_rows(key, index), gather_rows(value, index)
-    heads = index.shape[1]
+    rows = index.to(key.device)
+    keys, values = gather_rows(key, rows).to(query.device), gather_rows(value, rows).to(query.device)
+    return attend_gathered(query, keys, values, ok, scaling, query_valid)
+
+
+def attend_gathered(query, keys, values, ok, scaling: float, query_valid=None) -> torch.Tensor:
+    """SDPA of one query token over gathered ``keys``/``values`` ``[batch, heads, m, dim]`` (``ok``
+    ``[batch, heads, m]`` masks empty slots); ``heads`` divides the query heads."""
+    batch, q_heads = query.shape[:2]
+    heads = keys.shape[1]
     if query_valid is not None:
         ok = ok | ~query_valid[:, 0, None, None]  # padding queries: no empty rows
     mask = None if bool(ok.all()) else ok[:, :, None, :]

@@ -13,14 +13,25 @@ KL_POSITIONS = 32
 COST_DECODE_TOKENS = 32
 
 
-def kv_summary(entries: list[tuple[int, int, float]]) -> dict:
-    """Mean KV bytes held, full-cache bytes and kept tokens over a cell's samples."""
+def kv_figures(cache, rows: int = 1) -> dict:
+    """One prompt's KV figures, from a cache holding ``rows`` prompts: bytes held in this run and in a
+    bf16 run, what a full cache holds in each, bytes in a second tier, tokens kept."""
+    figures = {
+        "kv_bytes": cache.kv_bytes, "kv_bytes_full": cache.kv_bytes_full,
+        "kv_bytes_bf16": cache.kv_bytes_bf16, "kv_bytes_full_bf16": cache.kv_bytes_full_bf16,
+        "tier_bytes": cache.tier_bytes,
+    }
+    return {name: value / rows for name, value in figures.items()} | {"kv_tokens": cache.kv_tokens()}
+
+
+def kv_summary(entries: list[dict]) -> dict:
+    """Mean KV figures over a cell's samples, with the fractions of the full cache (fp32 run, bf16)."""
     if not entries:
         return {}
-    held = sum(e[0] for e in entries) / len(entries)
-    full = sum(e[1] for e in entries) / len(entries)
-    return {"kv_bytes": held, "kv_bytes_full": full, "kv_fraction": held / full if full else None,
-            "kv_tokens": sum(e[2] for e in entries) / len(entries)}
+    mean = {name: sum(e[name] for e in entries) / len(entries) for name in entries[0]}
+    mean["kv_fraction"] = mean["kv_bytes"] / mean["kv_bytes_full"] if mean["kv_bytes_full"] else None
+    mean["kv_fraction_bf16"] = mean["kv_bytes_bf16"] / mean["kv_bytes_full_bf16"] if mean["kv_bytes_full_bf16"] else None
+    return mean
 
 
 def matching_prefix(logits: torch.Tensor, reference: list[int]) -> float:
@@ -87,8 +98,7 @@ def measure_cost(model, tokenizer, context_ids: list[int], policy) -> dict:
         decode = time.perf_counter() - start
     return {
         "prefill_seconds": prefill, "decode_seconds": decode,
-        "tokens_per_second": COST_DECODE_TOKENS / decode, "kv_bytes": cache.kv_bytes,
-        "kv_bytes_full": cache.kv_bytes_full, "kv_tokens": cache.kv_tokens(),
+        "tokens_per_second": COST_DECODE_TOKENS / decode, **kv_figures(cache),
         "peak_rss_bytes": memory.peak, "peak_rss_increase_bytes": memory.peak - baseline,
         "threads": torch.get_num_threads(),
     }

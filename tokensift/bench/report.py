@@ -119,6 +119,51 @@ def section_metric(rows: list[dict], task: str, title: str, value) -> str:
     return f"## {title}\n\n" + markdown_table(["policy"] + [f"budget {s}" for s in sizes], body)
 
 
+def bf16_fraction(row: dict) -> float | None:
+    """Bytes held relative to a bf16 full cache: measured for tokensift rows (every layer, packed
+    codes and scales included); kvpress evicts in the model's dtype, so its kept fraction."""
+    if row.get("kv_fraction_bf16") is not None:
+        return row["kv_fraction_bf16"]
+    return row.get("keep_ratio") if row.get("library") == "kvpress" else None
+
+
+def memory_points(rows: list[dict], tasks: list[str], length: int) -> dict[tuple, list[dict]]:
+    """(policy label, size label) -> its query-agnostic rows on ``tasks`` at ``length`` (complete cells only)."""
+    cells = defaultdict(list)
+    for r in rows:
+        if r["task"] in tasks and r["length"] == length and r["protocol"] == QUERY_AGNOSTIC and bf16_fraction(r):
+            cells[(name_of(r), size_of(r))].append(r)
+    return {key: group for key, group in cells.items() if len({r["task"] for r in group}) == len(tasks)}
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def section_memory(rows: list[dict]) -> str:
+    length = main_length(rows)
+    tasks = headline_tasks(rows, length) if length else []
+    points = memory_points(rows, tasks, length) if tasks else {}
+    if not points:
+        return ""
+    body = []
+    for (policy, size), group in sorted(points.items(), key=lambda item: (mean(bf16_fraction(r) for r in item[1]), item[0])):
+        fraction = mean(bf16_fraction(r) for r in group)
+        fp32 = [r["kv_fraction"] for r in group if r.get("kv_fraction") is not None]
+        tier = [r.get("tier_bytes", 0) for r in group]
+        body.append([policy, size, fmt(mean(r["score"] for r in group)), fmt(1 / fraction, 1), fmt(fraction, 3),
+                     fmt(mean(fp32), 3) if fp32 else "–", fmt(mean(tier) / 2**20, 1) if any(tier) else "–"])
+    header = ["policy", "budget", "headline score", "x smaller than bf16 full", "bytes / bf16 full",
+              "bytes / fp32 full (this run)", "second tier MiB"]
+    return (
+        f"## Memory: bytes held against a bf16 full cache ({length} tokens, {', '.join(tasks)})\n\n"
+        "Bytes held after the context is compressed, every layer counted (codes, scales, zero-points, sketches "
+        "and masks included). A second tier (`tiered`) holds the exact rows outside the resident cache "
+        "(a memory-mapped file on this CPU run) and is not counted as held.\n\n" + markdown_table(header, body)
+    )
+
+
 def section_cost(rows: list[dict]) -> str:
     chosen = [r for r in rows if r["task"] == "cost"]
     if not chosen:
@@ -144,6 +189,7 @@ def write_report(out: Path) -> None:
         describe_run(rows),
         section_long(rows) if is_long(rows) else "",
         section_headline(rows),
+        section_memory(rows),
         section_full(rows),
         section_metric(rows, "ppl", "Perplexity of the last 512 tokens (policy active while they are fed)", lambda r: fmt(r["ppl"])),
         section_metric(rows, "fidelity", "Fidelity: fraction of the full cache's 64-token continuation reproduced / mean KL (nats)", lambda r: f"{fmt(r['score'])} / {fmt(r['kl'], 3)}"),
@@ -224,28 +270,37 @@ def plot_score_vs_budget(rows, length, out, plt) -> None:
 
 def plot_score_vs_bytes(rows, length, out, plt) -> None:
     tasks = headline_tasks(rows, length)
-    if not tasks:
+    points = memory_points(rows, tasks, length) if tasks else {}
+    if not points:
         return
-    points = defaultdict(list)
-    for r in rows:
-        if r["task"] in tasks and r["length"] == length and r["protocol"] == QUERY_AGNOSTIC and r.get("kv_bytes"):
-            points[(name_of(r), size_of(r))].append((r["kv_bytes"], r["score"]))
     series = defaultdict(list)
-    for (policy, _), values in points.items():
-        if len(values) == len(tasks):
-            series[policy].append((sum(v[0] for v in values) / len(values) / 2**20, sum(v[1] for v in values) / len(values)))
-    fig, axis = plt.subplots(figsize=(7, 4.5))
-    for policy, values in sorted(series.items()):
+    for (policy, _), group in points.items():
+        series[policy].append((mean(bf16_fraction(r) for r in group), mean(r["score"] for r in group)))
+    fig, axis = plt.subplots(figsize=(8, 5))
+    for index, (policy, values) in enumerate(sorted(series.items())):
         values.sort()
-        axis.plot(*zip(*values), marker="o" if policy != "full" else "*", markersize=10 if policy == "full" else 5, label=policy)
+        style = dict(marker="*", markersize=11) if policy == "full" else dict(marker="os^v"[index // 10 % 4], markersize=5)
+        axis.plot(*zip(*values), linestyle=LINE_STYLES[index // 10 % 4], label=policy, **style)
+    axis.plot(*pareto_front([v for values in series.values() for v in values]), color="grey", linewidth=4, alpha=0.3,
+              label="frontier", zorder=0)
     axis.set_xscale("log")
-    axis.set_xlabel("KV cache held (MiB, log)")
+    axis.set_xlabel("bytes held / bf16 full cache (log; every layer, scales and sketches counted)")
     axis.set_ylabel("headline score")
-    axis.set_title(f"score vs KV bytes ({length} tokens, query-agnostic)")
+    axis.set_title(f"score vs memory ({length} tokens, query-agnostic)")
     axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5))
     fig.tight_layout()
     fig.savefig(out / "score_vs_kv_bytes.png", dpi=110)
     plt.close(fig)
+
+
+def pareto_front(points: list[tuple[float, float]]) -> tuple[list, list]:
+    """The points no other point beats on both fewer bytes and a higher score, by bytes."""
+    front, best = [], float("-inf")
+    for fraction, score in sorted(points):
+        if score > best:
+            front.append((fraction, score))
+            best = score
+    return [p[0] for p in front], [p[1] for p in front]
 
 
 def plot_speed_vs_length(rows, out, plt) -> None:

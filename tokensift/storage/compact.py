@@ -100,6 +100,10 @@ class CompactLayer(SelectingLayer):
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
     @property
+    def element_size(self) -> int:
+        return self.itemsize
+
+    @property
     def kv_bytes_full(self) -> int:
         if self.shape is None:
             return 0

@@ -130,6 +130,14 @@ class QuantizedLayer(CompactLayer):
     def packed_bytes(self) -> int:
         return self.tail_keys.nbytes + self.tail_values.nbytes + sum(block.nbytes for block in self.blocks)
 
+    @property
+    def kv_bytes_16bit(self) -> int:
+        """Packed blocks as they are; the full-precision tail at 2 bytes an element."""
+        if not self.packed:
+            return super().kv_bytes_16bit
+        tail = self.tail_keys.nbytes + self.tail_values.nbytes
+        return self.packed_bytes() - tail + tail * 2 // self.itemsize
+
     # ------------------------------------------------------------ quantization
     def _quantize_block(self, start: int, count: int) -> Block:
         """Quantize slots ``[start, start + count)``: reorder (salient first), then pack per row."""

@@ -1,0 +1,187 @@
+"""The tiered cache: a resident key sketch chooses, exact rows come from a second tier."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import random_ids, tiny_llama
+from tokensift.cache import make_cache
+from tokensift.errors import TokensiftError
+from tokensift.policies import build_policy
+from tokensift.sparse import read_stats
+from tokensift.storage.sketch import KeySketch, rotation
+
+
+def tiered(k=24, **extra):
+    return build_policy("tiered", k=k, n_sink=2, window=4, group=8, **extra)
+
+
+def run_blocks(model, policy, blocks):
+    cache = make_cache(model, policy)
+    with torch.inference_mode():
+        logits = torch.cat([model(b, past_key_values=cache, use_cache=True).logits for b in blocks], 1)
+    return logits, cache
+
+
+def decode_blocks(prompt_len=60, steps=6, seed=1):
+    return [random_ids(prompt_len, seed=seed)] + [torch.tensor([[5 + i]]) for i in range(steps)]
+
+
+# ----------------------------------------------------------------- exactness
+@pytest.mark.parametrize("tier", ["file", "host"])
+def test_k_at_least_length_equals_full_exactly(tiny_model, tier, tmp_path):
+    blocks = decode_blocks() + [random_ids(7, seed=9)]  # a later multi-token block (a question) too
+    full, _ = run_blocks(tiny_model, build_policy("full"), blocks)
+    ours, cache = run_blocks(tiny_model, tiered(k=100, tier=tier, tier_dir=str(tmp_path)), blocks)
+    assert torch.equal(full, ours)
+    assert all(layer.sketches[0].count == 72 for layer in cache.selecting_layers)  # 73 tokens, groups of 8
+    assert os.listdir(tmp_path) == []  # tier files are unlinked at once
+
+
+def test_small_k_reads_only_chosen_rows_and_stays_close():
+    model = tiny_llama()
+    blocks = decode_blocks(prompt_len=120, steps=8)
+    full, _ = run_blocks(model, build_policy("full"), blocks)
+    ours, cache = run_blocks(model, tiered(k=40), blocks)
+    stats = read_stats(cache)
+    layers = len(cache.selecting_layers)
+    assert stats["sparse"] == 8 * layers
+    rows_per_head = stats["fetched_rows"] / stats["sparse"] / model.config.num_attention_heads
+    assert rows_per_head < 60  # k=40 plus the few newest tokens not sketched yet, far below 128
+    assert torch.equal(full[:, :120], ours[:, :120])  # prefill is exact
+    assert (full[:, 120:].softmax(-1) - ours[:, 120:].softmax(-1)).abs().max() < 0.05
+
+
+def test_batch_with_left_padding_equals_one_by_one():
+    model = tiny_llama()
+    prompts = [random_ids(n, seed=n)[0] for n in (90, 53)]
+    ids = torch.zeros(2, 90, dtype=torch.long)
+    mask = torch.zeros(2, 90, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, 90 - len(prompt):], mask[row, 90 - len(prompt):] = prompt, 1
+    cache = make_cache(model, tiered(k=20))
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=cache)
+    assert read_stats(cache)["sparse"] > 0
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(prompt[None], max_new_tokens=6, do_sample=False, past_key_values=make_cache(model, tiered(k=20)))
+        assert torch.equal(batched[row, 90:], alone[0, len(prompt):])
+
+
+def test_rollback_keeps_exactly_the_accepted_path():
+    from conftest import TinyTokenizer
+    from tokensift.generate import generate
+    from tokensift.speculative.engine import Speculator
+    from tokensift.speculative.tree import CandidateTree
+
+    model = tiny_llama()
+    ids = random_ids(30, seed=5)[0].tolist()
+    cache = make_cache(model, tiered(k=100))
+    with torch.inference_mode():
+        model.model(input_ids=torch.tensor([ids[:-1]]), past_key_values=cache, use_cache=True)
+        greedy = generate(model, TinyTokenizer(), ids, max_new_tokens=4).token_ids[0]
+        tree = CandidateTree(ids[-1])
+        tree.add_path([7, 9], [0.5, 0.5], ["a", "a"])
+        tree.add_path(greedy[:3], [0.9] * 3, ["b"] * 3)
+        draft = tree.subtree(tree.ranked())
+        path, _ = Speculator(model, "prompt_lookup", fixed_nodes=8).verify(draft, cache, 0.0, 1.0, torch.Generator())
+    accepted = [draft.tokens[i] for i in path]
+    assert accepted[1:] == greedy[:3]
+    reference = make_cache(model, build_policy("full"))
+    with torch.inference_mode():
+        model.model(input_ids=torch.tensor([ids[:-1] + accepted]), past_key_values=reference, use_cache=True)
+    for layer, ref in zip(cache.layers, reference.layers):
+        assert layer.seen == ref.seen == 33
+        torch.testing.assert_close(layer.keys, ref.keys, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(layer.values, ref.values, atol=1e-5, rtol=1e-4)
+        assert torch.equal(layer.positions, ref.positions) and torch.equal(layer.ranks, ref.ranks)
+        assert [s.count for s in layer.sketches] == [32]  # groups of 8 re-sketched after the rollback
+
+
+def test_speculation_runs_over_the_tiered_cache():
+    from conftest import TinyTokenizer
+    from tokensift.generate import generate
+    from tokensift.speculative.engine import Speculator
+
+    model, tokenizer = tiny_llama(), TinyTokenizer()
+    ids = random_ids(50, seed=2)[0].tolist() * 2  # repetitive: drafts get accepted
+    plain = generate(model, tokenizer, ids, policy=tiered(k=200), max_new_tokens=20).token_ids[0]
+    spec = Speculator(model, "prompt_lookup", fixed_nodes=4).generate(tokenizer, ids, policy=tiered(k=200), max_new_tokens=20)
+    assert spec.token_ids == plain  # k above the length: exact, so lossless
+
+
+# --------------------------------------------------------------- the sketch
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_sketch_round_trip_within_half_a_step(bits):
+    torch.manual_seed(bits)
+    keys = torch.randn(2, 3, 64, 16) * torch.linspace(0.1, 8, 16)  # channels of very different ranges
+    sketch = KeySketch(bits, group=16, rotate=True)
+    sketch.add(keys)
+    rotated = keys @ rotation(16, keys.device)
+    step = sketch.scales.view().float().repeat_interleave(16, dim=2)  # per channel and group of 16 tokens
+    error = (sketch.dequantized() - rotated).abs()
+    assert bool((error <= step / 2 + 1e-3 * rotated.abs().amax()).all())
+    # codes + fp16 scale/zero, with one spare group of room
+    assert sketch.nbytes == 2 * 3 * (64 + 16) * 16 * bits // 8 + 2 * (2 * 3 * (4 + 1) * 16 * 2)
+
+
+def test_rotation_is_orthogonal_and_keeps_scores():
+    for dim in (16, 64, 24):  # Hadamard sizes and a non-power of two
+        matrix = rotation(dim, "cpu")
+        assert torch.allclose(matrix @ matrix.T, torch.eye(dim), atol=1e-5)
+    torch.manual_seed(0)
+    query, keys = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 128, 16)
+    exact = torch.einsum("bgrd,bgnd->bgrn", query.view(1, 2, 2, 16), keys).reshape(1, 4, 128)
+    for rotate in (True, False):
+        sketch = KeySketch(8, group=32, rotate=rotate)
+        sketch.add(keys)
+        steps = sketch.scales.view().float()[0, :, :, None]  # [kv heads, groups, 1, dim]
+        rotated_query = query.view(1, 2, 2, 16) @ (rotation(16, "cpu") if rotate else torch.eye(16))
+        bound = (rotated_query[0].abs() @ (steps[:, 0, 0, :, None] / 2)).reshape(1, 4, 1)  # sum |q| * step / 2
+        assert bool(((sketch.logits(query, 1.0) - exact).abs() <= bound + 1e-4).all())
+
+
+def test_two_bit_sketch_ranks_like_exact_scores():
+    torch.manual_seed(1)
+    keys = torch.randn(1, 1, 1024, 64) + torch.randn(64) * 4  # per-channel offsets, as real keys have
+    planted = torch.randint(0, 1024, (8,))
+    query = torch.randn(1, 1, 1, 64)
+    keys[0, 0, planted] += 3 * query[0, 0, 0]  # a few keys the query strongly matches
+    sketch = KeySketch(2, group=128, rotate=True)
+    sketch.add(keys)
+    chosen = set(sketch.logits(query, 1.0)[0, 0].topk(64).indices.tolist())
+    assert set(planted.tolist()) <= chosen
+
+
+# ------------------------------------------------------------------ accounting
+def test_bytes_counted_are_the_bytes_held():
+    model = tiny_llama()
+    _, cache = run_blocks(model, tiered(k=24), decode_blocks(prompt_len=100, steps=3))
+    for layer in cache.selecting_layers:
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for sketch in layer.sketches for t in (sketch.codes.data, sketch.scales.data, sketch.zeros.data)}
+        held[layer.mask.untyped_storage().data_ptr()] = layer.mask.untyped_storage().nbytes()
+        assert layer.kv_bytes == sum(held.values())
+        assert layer.tier_bytes == layer.tier.keys.untyped_storage().nbytes() + layer.tier.values.untyped_storage().nbytes()
+        assert layer.kv_bytes_full == 2 * layer.seen * 2 * 16 * 4  # batch 1, 2 KV heads, dim 16, fp32
+    assert cache.kv_bytes == sum(layer.kv_bytes for layer in cache.selecting_layers)
+    assert cache.tier_bytes == sum(layer.tier_bytes for layer in cache.selecting_layers)
+    assert cache.kv_bytes_bf16 == cache.kv_bytes  # nothing full-precision is resident
+    assert cache.kv_bytes_full_bf16 == cache.kv_bytes_full // 2
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize("params,message", [
+    ({"bits": 3}, "bit width"),
+    ({"bits": 1}, "bit width"),
+    ({"k": 0}, "protected"),
+    ({"k": -5}, "protected"),
+    ({"group": 0}, "group"),
+    ({"tier": "disk"}, "tier must be"),
+    ({"tier_dir": "/proc/tokensift-tier"}, "cannot be written"),
+    ({"base": "snapkv", "base_budget": 64}, "no base"),
+])
+def test_bad_settings_are_one_line_errors(params, message):
+    with pytest.raises(TokensiftError, match=message) as error:
+        build_policy("tiered", **{"k": 64, **params})
+    assert "\n" not in str(error.value)

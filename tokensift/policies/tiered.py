@@ -1,0 +1,103 @@
+"""Tiered: choose from a resident 2-bit key sketch, read the exact rows from a second tier."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+from pathlib import Path
+
+import torch
+
+from tokensift.errors import TokensiftError
+from tokensift.policies.registry import register
+from tokensift.quant import check_bits
+from tokensift.sparse import SparsePolicy, count, forced_mask, gather_attend, sparse_layer_class, to_query_heads, top_k
+
+
+def default_tier_folder() -> Path:
+    from tokensift.models import cache_root
+
+    return cache_root() / "tier"
+
+
+@register
+@dataclass
+class Tiered(SparsePolicy):
+    """Keep every token, but hold only a low-bit sketch of the keys in memory.
+
+    Synthesized from ShadowKV (Sun et al. 2024, arXiv:2410.21465: a small resident key
+    representation chooses which rows to fetch from host memory), Quest (Tang et al. 2024,
+    arXiv:2406.10774: rank cheaply, attend exactly), KIVI (Liu et al. 2024, arXiv:2402.02750:
+    keys quantized per channel) and QuaRot's Hadamard rotation (arXiv:2404.00456). Each
+    decode step scores every token against the sketch, reads the ``k`` best per query head
+    (sinks and the last ``window`` tokens forced in, plus the newest tokens not sketched yet)
+    exactly from the second tier and attends over them. Blocks of several tokens (prefill, a
+    question asked later, draft trees) read every row exactly, so a question asked after
+    compression sees the whole context.
+
+    Parameters
+    ----------
+    k:
+        Tokens read per query head per decode step (``budget=`` is an alias).
+    bits:
+        Bits per sketch element: 2, 4 or 8.
+    group:
+        Tokens per sketch group (one fp16 scale and zero-point per channel and group).
+    rotate:
+        Rotate keys (and queries) by a fixed random Hadamard matrix before sketching.
+    tier:
+        Where the exact rows live: ``file`` (a memory-mapped file in ``tier_dir``) or ``host``
+        (CPU memory; outside the model's memory only when the model runs on an accelerator).
+    tier_dir:
+        Folder of the tier files (default: ``$TOKENSIFT_CACHE/tier``); files are unlinked at once.
+    """
+
+    name = "tiered"
+    paper = "ShadowKV (arXiv:2410.21465) + Quest (arXiv:2406.10774): resident 2-bit key sketch (KIVI, QuaRot rotation), exact rows in a second tier"
+
+    takes_base: ClassVar[bool] = False
+
+    bits: int = 2
+    group: int = 128
+    rotate: bool = True
+    tier: str = "file"
+    tier_dir: str | None = None
+
+    def validate_method(self) -> None:
+        from tokensift.storage.tier import KINDS, check_folder
+
+        check_bits(self.bits)
+        if self.group < 1:
+            raise TokensiftError(f"tiered: group must be >= 1 (got {self.group})")
+        if self.tier not in KINDS:
+            raise TokensiftError(f"tiered: tier must be one of {', '.join(KINDS)} (got '{self.tier}')")
+        if self.base is not None:
+            raise TokensiftError("tiered keeps every token in its second tier: it takes no base policy")
+        if self.tier == "file":
+            check_folder(self.tier_folder)
+
+    @property
+    def tier_folder(self) -> Path:
+        return Path(self.tier_dir) if self.tier_dir else default_tier_folder()
+
+    @property
+    def layer_class(self) -> type:
+        from tokensift.storage.tiered import TieredLayer
+
+        return sparse_layer_class(TieredLayer)
+
+    def read(self, layer, query, key, value, query_valid, scaling):
+        q_heads = query.shape[1]
+        logits, sketched = layer.sketch_logits(query, scaling)
+        allowed = to_query_heads(layer.valid & sketched[:, None], q_heads)
+        forced = to_query_heads(forced_mask(layer), q_heads) & allowed
+        picked, picked_ok = top_k(logits, self.k, forced, allowed)
+        recent, recent_ok = layer.unsketched_slots()  # not sketched yet: always read
+        shape = (query.shape[0], q_heads, recent.shape[-1])
+        index = torch.cat([picked, recent.expand(shape)], -1)
+        ok = torch.cat([picked_ok, recent_ok.expand(shape)], -1)
+        count(layer, "fetched_rows", int(ok.sum()))
+        return gather_attend(query, key, value, index, ok, scaling, query_valid)
+
+    def describe(self) -> str:
+        return f"{self.name}(k={self.k},{self.bits}-bit,{self.tier})"
