@@ -279,6 +279,21 @@ class SelectingLayer(CacheLayerMixin):
             return 0
         return sum(self._allocated(name).nbytes for name in ("keys", "values"))
 
+    @property
+    def kv_bytes_16bit(self) -> int:
+        """What the layer would hold in a 16-bit (bf16) run: its full-precision K/V at 2 bytes an element."""
+        return self.kv_bytes * 2 // self.element_size
+
+    @property
+    def element_size(self) -> int:
+        """Bytes per element of the model's K/V (4 in an fp32 run)."""
+        return 2 if self.keys is None else self.keys.element_size()
+
+    @property
+    def tier_bytes(self) -> int:
+        """Bytes in a second tier outside the resident cache (storage variants that have one)."""
+        return 0
+
     def _allocated(self, name: str) -> torch.Tensor:
         """The tensor holding ``self.<name>``'s memory: its append buffer, or itself."""
         tensor, buffer = getattr(self, name), self._buffers.get(name)
@@ -422,6 +437,27 @@ class SelectingCache(Cache):
             layer.kv_bytes_full if isinstance(layer, SelectingLayer) else _held_bytes(layer) for layer in self.layers
         )
 
+    @property
+    def kv_bytes_bf16(self) -> int:
+        """What the cache would hold in a bf16 run (packed codes and fp16 scales unchanged)."""
+        return sum(
+            layer.kv_bytes_16bit if isinstance(layer, SelectingLayer) else _held_bytes(layer) * 2 // _element_size(layer)
+            for layer in self.layers
+        )
+
+    @property
+    def kv_bytes_full_bf16(self) -> int:
+        """What a full bf16 cache would hold for the same tokens: the reference users run."""
+        return sum(
+            (layer.kv_bytes_full if isinstance(layer, SelectingLayer) else _held_bytes(layer)) * 2 // _element_size(layer)
+            for layer in self.layers
+        )
+
+    @property
+    def tier_bytes(self) -> int:
+        """Bytes held in a second tier outside the resident cache (0 unless a policy keeps one)."""
+        return sum(layer.tier_bytes for layer in self.selecting_layers)
+
     def kv_tokens(self) -> float:
         """Mean number of real tokens held per selecting layer (per sequence and KV head)."""
         layers = self.selecting_layers
@@ -476,6 +512,8 @@ SLIDING_LAYER_TYPES = {"sliding_attention": WindowLayer}
 
 
 def _held_bytes(layer) -> int:
+    """Bytes of the memory a transformers layer's K/V hold: whole storages (a sliding-window layer
+    keeps a view of a longer tensor)."""
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     if keys is None or values is None:
         return 0
