@@ -401,7 +401,7 @@ def run_ppl(model, tokenizer, config, results, settings, progress) -> None:
             logits = teacher_forced_logits(model, cache, instance.suffix_ids[:-1], decode_chunk(policy))
             logits = torch.cat([recording.logits, logits])
             nll.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(instance.suffix_ids))))
-            kv.append((cache.kv_bytes, cache.kv_bytes_full, cache.kv_tokens()))
+            kv.append(metrics.kv_figures(cache))
             progress(1)
         mean_nll = sum(nll) / len(nll)
         extra = metrics.kv_summary(kv) | {"nll": mean_nll, "ppl": math.exp(mean_nll), "scored_tokens": len(instances[0].suffix_ids)}
