@@ -325,9 +325,9 @@ def merge_groups(settings: list[Setting], rows_per_setting: int = 1, length: int
     return groups
 
 
-def kv_entries(cache, rows: int) -> list[tuple[float, float, float]]:
+def kv_entries(cache, rows: int) -> list[dict]:
     """The per-prompt KV figures of a cache holding ``rows`` prompts (their mean, once per prompt)."""
-    return [(cache.kv_bytes / rows, cache.kv_bytes_full / rows, cache.kv_tokens())] * rows
+    return [metrics.kv_figures(cache, rows)] * rows
 
 
 def run_retrieval(model, tokenizer, config, results, task, protocol, length, settings, progress) -> None:
