@@ -53,6 +53,18 @@ def test_small_k_reads_only_chosen_rows_and_stays_close():
     assert (full[:, 120:].softmax(-1) - ours[:, 120:].softmax(-1)).abs().max() < 0.05
 
 
+def test_refresh_reuses_a_selection_between_scorings():
+    model = tiny_llama()
+    blocks = decode_blocks(prompt_len=120, steps=7)
+    every, every_cache = run_blocks(model, tiered(k=40), blocks)
+    reused, cache = run_blocks(model, tiered(k=40, refresh=3), blocks)
+    stats, layers = read_stats(cache), len(cache.selecting_layers)
+    assert stats["sparse"] == 7 * layers and stats["reused"] == 4 * layers  # scored at steps 1, 4, 7
+    assert torch.equal(every[:, :121], reused[:, :121])  # the first decode step scores in both
+    assert (every.softmax(-1) - reused.softmax(-1)).abs().max() < 0.05
+    assert "reused" not in read_stats(every_cache)
+
+
 def test_batch_with_left_padding_equals_one_by_one():
     model = tiny_llama()
     prompts = [random_ids(n, seed=n)[0] for n in (90, 53)]
@@ -177,6 +189,7 @@ def test_bytes_counted_are_the_bytes_held():
     ({"k": 0}, "protected"),
     ({"k": -5}, "protected"),
     ({"group": 0}, "group"),
+    ({"refresh": 0}, "refresh"),
     ({"tier": "disk"}, "tier must be"),
     ({"tier_dir": "/proc/tokensift-tier"}, "cannot be written"),
     ({"base": "snapkv", "base_budget": 64}, "no base"),

@@ -11,7 +11,11 @@ import torch
 from tokensift.errors import TokensiftError
 from tokensift.policies.registry import register
 from tokensift.quant import check_bits
-from tokensift.sparse import SparsePolicy, count, forced_mask, gather_attend, sparse_layer_class, to_query_heads, top_k
+from tokensift.sparse import (
+    SparsePolicy, count, forced_mask, gather_attend, reuse_read, save_selection, sparse_layer_class, to_query_heads, top_k,
+)
+
+SELECTION = "tiered_selection"  # layer.state key of the selection reused between refreshes
 
 
 def default_tier_folder() -> Path:
@@ -50,6 +54,9 @@ class Tiered(SparsePolicy):
         (CPU memory; outside the model's memory only when the model runs on an accelerator).
     tier_dir:
         Folder of the tier files (default: ``$TOKENSIFT_CACHE/tier``); files are unlinked at once.
+    refresh:
+        Decode steps one selection serves: the sketch is scored every ``refresh`` steps and the
+        steps between read the same tokens plus those added since (1: score every step).
     """
 
     name = "tiered"
@@ -62,6 +69,7 @@ class Tiered(SparsePolicy):
     rotate: bool = True
     tier: str = "file"
     tier_dir: str | None = None
+    refresh: int = 1
 
     def validate_method(self) -> None:
         from tokensift.storage.tier import KINDS, check_folder
@@ -69,6 +77,8 @@ class Tiered(SparsePolicy):
         check_bits(self.bits)
         if self.group < 1:
             raise TokensiftError(f"tiered: group must be >= 1 (got {self.group})")
+        if self.refresh < 1:
+            raise TokensiftError(f"tiered: refresh must be >= 1 (got {self.refresh})")
         if self.tier not in KINDS:
             raise TokensiftError(f"tiered: tier must be one of {', '.join(KINDS)} (got '{self.tier}')")
         if self.base is not None:
@@ -87,6 +97,20 @@ class Tiered(SparsePolicy):
         return sparse_layer_class(TieredLayer)
 
     def read(self, layer, query, key, value, query_valid, scaling):
+        saved = layer.state.get(SELECTION)
+        if saved is not None and layer.seen - saved["seen"] < self.refresh and saved["ok"].shape[0] == query.shape[0]:
+            count(layer, "reused")
+            count(layer, "fetched_rows", int(saved["ok"].sum()) + (layer.seen - saved["seen"]) * saved["ok"].shape[1])
+            return reuse_read(layer, query, key, value, query_valid, scaling, saved)
+        index, ok = self.choose(layer, query, scaling)
+        count(layer, "fetched_rows", int(ok.sum()))
+        if self.refresh > 1:
+            layer.state[SELECTION] = save_selection(layer, index, ok)
+        return gather_attend(query, key, value, index, ok, scaling, query_valid)
+
+    def choose(self, layer, query, scaling):
+        """Storage indices ``[batch, q_heads, n]`` to read (and ``ok``): the sketch's top ``k`` per query
+        head (sinks and window forced in), then every real token not sketched yet."""
         q_heads = query.shape[1]
         logits, sketched = layer.sketch_logits(query, scaling)
         allowed = to_query_heads(layer.valid & sketched[:, None], q_heads)
@@ -94,10 +118,8 @@ class Tiered(SparsePolicy):
         picked, picked_ok = top_k(logits, self.k, forced, allowed)
         recent, recent_ok = layer.unsketched_slots()  # not sketched yet: always read
         shape = (query.shape[0], q_heads, recent.shape[-1])
-        index = torch.cat([picked, recent.expand(shape)], -1)
-        ok = torch.cat([picked_ok, recent_ok.expand(shape)], -1)
-        count(layer, "fetched_rows", int(ok.sum()))
-        return gather_attend(query, key, value, index, ok, scaling, query_valid)
+        return torch.cat([picked, recent.expand(shape)], -1), torch.cat([picked_ok, recent_ok.expand(shape)], -1)
 
     def describe(self) -> str:
-        return f"{self.name}(k={self.k},{self.bits}-bit,{self.tier})"
+        refresh = f",refresh={self.refresh}" if self.refresh > 1 else ""
+        return f"{self.name}(k={self.k},{self.bits}-bit,{self.tier}{refresh})"

@@ -105,7 +105,8 @@ class TieredLayer(SelectingLayer):
         self._refresh_views()
 
     def _forget_sketches_after(self, length: int) -> None:
-        """Drop the sketch groups that reach past slot ``length`` (rollback, crop)."""
+        """Drop the sketch groups that reach past slot ``length``, and any saved selection (rollback, crop)."""
+        self.state.pop("tiered_selection", None)
         real_before = self.mask[:, :length].sum(1).tolist()
         for sketch, real in zip(self.sketches, real_before):
             sketch.truncate(real)
