@@ -195,7 +195,7 @@ def test_gated_policies_run_only_where_the_full_cache_scores(tmp_path, monkeypat
 
     calls = []
 
-    def fake_retrieval(model, tokenizer, config, results, task, protocol, length, settings, progress):
+    def fake_retrieval(model, tokenizer, config, results, task, protocol, length, settings, progress, recordings=None):
         calls.append([s.label for s in settings])
         for s in results.pending(task, protocol, length, settings):
             results.write({"cell": runner.cell_key(task, protocol, length, s), "score": 0.1 if task == "vt" else 0.9})
@@ -209,3 +209,27 @@ def test_gated_policies_run_only_where_the_full_cache_scores(tmp_path, monkeypat
     cells = [json.loads(line)["cell"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [c for c in cells if c.startswith("vt")] == ["vt|query_agnostic|1024|full"]
     assert "niah|query_agnostic|1024|snapkv@64" in cells
+
+
+@pytest.mark.parametrize("name", ["full", "snapkv"])
+def test_replayed_and_merged_caches_decode_like_a_fresh_prefill(name):
+    """Sliding-window layers rebuilt from the recording know how many tokens they have seen."""
+    from tokensift.bench.replay import merge_caches
+    from tokensift.bench.runner import greedy_tokens
+
+    model = gemma3_mixed()
+    ids = ids_of(70, seed=8)
+    policy = build_policy(name) if name == "full" else build_policy(name, budget=24, n_sink=2, window=4)
+    recording = record_prefill(model, ids)
+    fresh = make_cache(model, policy)
+    with torch.inference_mode():
+        model(ids, past_key_values=fresh, use_cache=True)
+    fresh.set_defer_eviction(True)
+    suffix = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]  # longer than the window
+    expected = greedy_tokens(model, fresh, [suffix], 12)[0]
+    replayed = replay(model, policy, recording)
+    assert replayed.get_seq_length() == 70
+    replayed.set_defer_eviction(True)
+    assert greedy_tokens(model, replayed, [suffix], 12)[0] == expected
+    merged = merge_caches([replay(model, policy, recording), replay(model, build_policy("full"), recording)], model)
+    assert greedy_tokens(model, merged, [suffix, suffix], 12)[0] == expected

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -76,6 +77,38 @@ def profile_prefill(model, input_ids: torch.Tensor, use_banded: bool) -> dict:
     }
 
 
+def kernel_row(length: int, heads: int = 4, kv_heads: int = 1, dim: int = 256, window: int = 512, repeats: int = 2,
+               stock: bool = True) -> dict:
+    """One sliding-window layer's attention over ``length`` new tokens (Gemma 3 270M shapes), stock SDPA
+    with the n×n mask against the banded path, timed alternately; max abs difference of the outputs."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(1, heads, length, dim, generator=generator)
+    key, value = (torch.randn(1, kv_heads, length, dim, generator=generator) for _ in range(2))
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None]
+    mask = ((j <= i) & (j > i - window))[None, None]
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
+    cases = {"banded": lambda: banded.banded_attention(module, query, key, value, mask, window, dim ** -0.5)}
+    if stock:
+        cases["stock"] = lambda: sdpa_attention_forward(module, query, key, value, mask, scaling=dim ** -0.5)[0]
+    times: dict = defaultdict(list)
+    outputs = {}
+    for _ in range(repeats):
+        for name, run in cases.items():
+            started = time.perf_counter()
+            outputs[name] = run()
+            times[name].append(time.perf_counter() - started)
+    row = {"tokens": length, "window": window, "shape": [heads, kv_heads, dim], "repeats": repeats,
+           "seconds": {name: min(values) for name, values in times.items()}, "threads": torch.get_num_threads()}
+    if stock:
+        row["max_abs_diff"] = float((outputs["stock"] - outputs["banded"]).abs().max())
+        row["speedup"] = row["seconds"]["stock"] / row["seconds"]["banded"]
+    return row
+
+
 def main() -> None:
     from tokensift.bench.tasks import build_instances
     from tokensift.kernels import packed_linears
@@ -86,7 +119,17 @@ def main() -> None:
     parser.add_argument("--lengths", default="8192,16384")
     parser.add_argument("--paths", default="stock,banded")
     parser.add_argument("--out", type=Path, default=Path("runs/prefill_profile.jsonl"))
+    parser.add_argument("--kernel", action="store_true", help="one sliding layer's attention only (no model)")
+    parser.add_argument("--stock-up-to", type=int, default=16384, help="longest length timed on the stock path too")
     args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.kernel:
+        for length in [int(x) for x in args.lengths.split(",")]:
+            row = kernel_row(length, stock=length <= args.stock_up_to) | {"kind": "kernel", "load": os.getloadavg()}
+            with open(args.out, "a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+        return
     model, tokenizer = load_model(args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with packed_linears(model):
@@ -95,7 +138,8 @@ def main() -> None:
         for length in [int(x) for x in args.lengths.split(",")]:
             ids = torch.tensor([build_instances("niah", tokenizer, length, 1)[0].context_ids])
             for path in args.paths.split(","):
-                row = profile_prefill(model, ids, path == "banded") | {"model": args.model, "threads": torch.get_num_threads()}
+                row = profile_prefill(model, ids, path == "banded") | {"model": args.model, "threads": torch.get_num_threads(),
+                                                                       "load": os.getloadavg()}
                 with open(args.out, "a") as handle:
                     handle.write(json.dumps(row) + "\n")
                 parts = "  ".join(f"{k} {v:.1f}s" for k, v in row["per_type"].items())

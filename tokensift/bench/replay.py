@@ -56,6 +56,8 @@ def replay(model, policy, recording: Recording) -> SelectingCache:
     for index, layer in enumerate(cache.layers):
         keys, values = recording.keys[index], recording.values[index]
         returned, _ = layer.update(keys, values)
+        if hasattr(layer, "cumulative_length"):  # a sliding-window layer was given only its window: the true count
+            layer.cumulative_length = length
         if isinstance(layer, SelectingLayer):
             take_last_updated(returned)
             layer.mark_new_tokens(valid)
@@ -85,6 +87,8 @@ def merge_caches(caches: list[SelectingCache], model) -> SelectingCache:
             _merge_selecting(layer, sources)
         else:
             layer.update(torch.cat([s.keys for s in sources]), torch.cat([s.values for s in sources]))
+            if hasattr(layer, "cumulative_length"):  # sliding-window layer: tokens seen, not held
+                layer.cumulative_length = sources[0].cumulative_length
     return merged
 
 

@@ -330,8 +330,12 @@ def kv_entries(cache, rows: int) -> list[dict]:
     return [metrics.kv_figures(cache, rows)] * rows
 
 
-def run_retrieval(model, tokenizer, config, results, task, protocol, length, settings, progress) -> None:
-    """Score every pending setting; ``PROMPT_BATCH`` prompts share one prefill and every decode."""
+def run_retrieval(model, tokenizer, config, results, task, protocol, length, settings, progress, recordings=None) -> None:
+    """Score every pending setting; ``PROMPT_BATCH`` prompts share one prefill and every decode.
+
+    ``recordings`` (optional dict): prefills kept from an earlier call on the same prompts, and
+    filled by this one (the gated long suite prefills each prompt once for the full cache and
+    every policy)."""
     pending = results.pending(task, protocol, length, settings)
     if not pending:
         return
@@ -341,7 +345,11 @@ def run_retrieval(model, tokenizer, config, results, task, protocol, length, set
     started = time.perf_counter()
     for first in range(0, len(instances), PROMPT_BATCH):
         batch = instances[first:first + PROMPT_BATCH]
-        recording = record_prefill(model, torch.tensor([instance.context_ids for instance in batch]))
+        recording = None if recordings is None else recordings.get(first)
+        if recording is None:
+            recording = record_prefill(model, torch.tensor([instance.context_ids for instance in batch]))
+            if recordings is not None:
+                recordings[first] = recording
         policies = {s: s.build() for s in pending}
         merged = [s for s in pending if is_mergeable(policies[s])]
         for group in merge_groups(merged, len(batch), recording.length):
@@ -502,12 +510,13 @@ def run_job(job: Job, model, tokenizer, config: BenchConfig, results: Results, s
 def run_gated(model, tokenizer, config: BenchConfig, results: Results, job: Job, chosen, progress) -> None:
     """The full cache first; the other settings only where it scores at least ``config.full_gate``."""
     full = [s for s in chosen if s.policy == "full" and s.budget is None and s.ratio is None]
-    run_retrieval(model, tokenizer, config, results, job.task, job.protocol, job.length, full, progress)
+    recordings: dict = {}  # each prompt prefilled once for both calls
+    run_retrieval(model, tokenizer, config, results, job.task, job.protocol, job.length, full, progress, recordings)
     score = full_score(results.path, cell_key(job.task, job.protocol, job.length, Setting("full")))
     if score is not None and score < config.full_gate:
         progress(sum(config.samples_at(job.length) for s in chosen if s not in full))
         return
-    run_retrieval(model, tokenizer, config, results, job.task, job.protocol, job.length, chosen, progress)
+    run_retrieval(model, tokenizer, config, results, job.task, job.protocol, job.length, chosen, progress, recordings)
 
 
 def full_score(path: Path, cell: str) -> float | None:
