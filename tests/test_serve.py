@@ -269,3 +269,8 @@ def test_serve_flag_errors_are_one_line(monkeypatch, capsys):
         cli.main()
     assert done.value.code == 2
     assert capsys.readouterr().err.strip().startswith("error: unknown policy 'nope'")
+
+
+def test_n_beyond_the_running_slots_is_refused(server):
+    reply = httpx.post(server + "/v1/completions", json={"prompt": "5 6", "max_tokens": 2, "n": 5}, timeout=30)
+    assert reply.status_code == 400 and "n must be between 1 and 4" in reply.json()["error"]["message"]

@@ -36,6 +36,7 @@ def create_app(model, tokenizer, model_name: str, defaults: ServerDefaults | Non
                max_batch: int = 8, max_queue: int = 128, packed: bool = True, max_groups: int = 2) -> FastAPI:
     """An app serving ``model``; its scheduler threads start and stop with the app's lifespan."""
     defaults = defaults or ServerDefaults()
+    defaults.max_n = min(defaults.max_n, max_batch)  # a request's choices must fit the running slots
     metrics = Metrics()
     scheduler = Scheduler(model, tokenizer, metrics, max_batch=max_batch, max_queue=max_queue, packed=packed,
                           max_groups=max_groups)
