@@ -3,9 +3,13 @@
 import concurrent.futures
 import time
 
-import httpx
-import openai
 import pytest
+
+for _module in ("fastapi", "uvicorn", "sse_starlette", "httpx", "openai"):
+    pytest.importorskip(_module)  # the serve extra (requirements-serve.txt)
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
 import torch
 
 from conftest import TinyTokenizer, tiny_llama

@@ -2,9 +2,13 @@
 
 import concurrent.futures
 
-import httpx
-import openai
 import pytest
+
+for _module in ("fastapi", "uvicorn", "sse_starlette", "httpx", "openai"):
+    pytest.importorskip(_module)  # the serve extra (requirements-serve.txt)
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
 
 from serve_helpers import RunningServer
 from tokensift.generate import generate
