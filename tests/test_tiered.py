@@ -190,6 +190,8 @@ def test_bytes_counted_are_the_bytes_held():
     ({"k": -5}, "protected"),
     ({"group": 0}, "group"),
     ({"refresh": 0}, "refresh"),
+    ({"window_bits": 3}, "bit width"),
+    ({"window_group": 0}, "window_group"),
     ({"tier": "disk"}, "tier must be"),
     ({"tier_dir": "/proc/tokensift-tier"}, "cannot be written"),
     ({"base": "snapkv", "base_budget": 64}, "no base"),
@@ -198,3 +200,50 @@ def test_bad_settings_are_one_line_errors(params, message):
     with pytest.raises(TokensiftError, match=message) as error:
         build_policy("tiered", **{"k": 64, **params})
     assert "\n" not in str(error.value)
+
+
+# --------------------------------------------------------- sliding-window layers
+def test_gemma3_sliding_layers_at_full_precision_equal_full(tmp_path):
+    from conftest import tiny_gemma3
+
+    model = tiny_gemma3()
+    blocks = decode_blocks(prompt_len=60, steps=5)
+    full, _ = run_blocks(model, build_policy("full"), blocks)
+    ours, cache = run_blocks(model, tiered(k=100, window_bits=0), blocks)
+    assert torch.equal(full, ours)
+    assert [type(layer).__name__ for layer in cache.layers] == ["SparseTieredLayer", "WindowLayer", "WindowLayer", "SparseTieredLayer"]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_gemma3_quantized_windows_hold_codes_and_stay_close(bits):
+    from conftest import tiny_gemma3
+    from tokensift.storage.window import QuantizedWindowLayer
+
+    model = tiny_gemma3()
+    blocks = decode_blocks(prompt_len=60, steps=5)
+    full, full_cache = run_blocks(model, build_policy("full"), blocks)
+    ours, cache = run_blocks(model, tiered(k=100, window_bits=bits), blocks)
+    assert torch.equal(full[:, :60], ours[:, :60])  # the prefill attends exactly
+    assert (full.softmax(-1) - ours.softmax(-1)).abs().max() < (0.05 if bits == 4 else 0.01)
+    windows = [layer for layer in cache.layers if isinstance(layer, QuantizedWindowLayer)]
+    assert len(windows) == 2
+    for layer in windows:
+        assert layer.held_tokens == model.config.sliding_window - 1 and layer.keys.numel() == 0
+        codes = layer.codes[0].packed.nbytes + layer.codes[1].packed.nbytes
+        assert layer.kv_bytes == codes + 2 * 2 * (2 * 15 * 1 * 2)  # + fp16 scale/zero: 2 heads x 15 tokens x 1 group, K and V
+        assert codes == 2 * 2 * 15 * 16 * bits // 8
+    per_layer_full = 2 * 2 * 15 * 16 * 2  # K+V, 2 heads, 15 tokens, dim 16, bf16
+    selecting_full = sum(layer.kv_bytes_full for layer in cache.selecting_layers) // 2
+    assert cache.kv_bytes_full_bf16 == selecting_full + 2 * per_layer_full  # every layer counted
+    assert cache.kv_bytes_bf16 == cache.kv_bytes
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_window_quantizer_round_trip_within_half_a_step(bits):
+    from tokensift.storage.window import dequantize_grouped, quantize_grouped
+
+    torch.manual_seed(bits)
+    x = torch.randn(1, 2, 30, 64) * 3
+    q = quantize_grouped(x, bits, 32)
+    step = q.scale.float().repeat_interleave(32, dim=-1).reshape(1, 2, 30, 64)
+    assert bool(((dequantize_grouped(q, torch.float32) - x).abs() <= step / 2 + 1e-3 * x.abs().max()).all())

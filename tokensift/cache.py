@@ -410,7 +410,7 @@ class SelectingCache(Cache):
         layers = [
             layer_class(i, num_layers, policy)
             if kind == "full_attention"
-            else SLIDING_LAYER_TYPES.get(kind, DYNAMIC_LAYER_TYPE_MAPPING[kind])(**kwargs)
+            else policy.sliding_layer(kind, kwargs) or SLIDING_LAYER_TYPES.get(kind, DYNAMIC_LAYER_TYPE_MAPPING[kind])(**kwargs)
             for i, (kind, kwargs) in enumerate(zip(layer_types, layer_kwargs))
         ]
         super().__init__(layers=layers)
@@ -428,20 +428,20 @@ class SelectingCache(Cache):
     @property
     def kv_bytes(self) -> int:
         """Bytes actually held in the K/V tensors of every layer (storage variants count their own)."""
-        return sum(layer.kv_bytes if isinstance(layer, SelectingLayer) else _held_bytes(layer) for layer in self.layers)
+        return sum(_own_figure(layer, "kv_bytes", _held_bytes) for layer in self.layers)
 
     @property
     def kv_bytes_full(self) -> int:
         """Bytes a full (uncompressed) cache would hold for the same tokens."""
         return sum(
-            layer.kv_bytes_full if isinstance(layer, SelectingLayer) else _held_bytes(layer) for layer in self.layers
+            _own_figure(layer, "kv_bytes_full", _held_bytes) for layer in self.layers
         )
 
     @property
     def kv_bytes_bf16(self) -> int:
         """What the cache would hold in a bf16 run (packed codes and fp16 scales unchanged)."""
         return sum(
-            layer.kv_bytes_16bit if isinstance(layer, SelectingLayer) else _held_bytes(layer) * 2 // _element_size(layer)
+            _own_figure(layer, "kv_bytes_16bit", lambda plain: _held_bytes(plain) * 2 // _element_size(plain))
             for layer in self.layers
         )
 
@@ -449,7 +449,7 @@ class SelectingCache(Cache):
     def kv_bytes_full_bf16(self) -> int:
         """What a full bf16 cache would hold for the same tokens: the reference users run."""
         return sum(
-            (layer.kv_bytes_full if isinstance(layer, SelectingLayer) else _held_bytes(layer)) * 2 // _element_size(layer)
+            _own_figure(layer, "kv_bytes_full", _held_bytes) * 2 // _element_size(layer)
             for layer in self.layers
         )
 
@@ -509,6 +509,12 @@ class WindowLayer(DynamicSlidingWindowLayer):
 
 
 SLIDING_LAYER_TYPES = {"sliding_attention": WindowLayer}
+
+
+def _own_figure(layer, name: str, otherwise) -> int:
+    """A layer's own byte figure when it reports one (tokensift layers), else ``otherwise(layer)``
+    (transformers' layers: the bytes of their K/V tensors)."""
+    return getattr(layer, name) if hasattr(type(layer), name) else otherwise(layer)
 
 
 def _held_bytes(layer) -> int:

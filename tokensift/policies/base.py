@@ -98,6 +98,11 @@ class Policy:
             return self.budget
         return max(math.ceil(self.ratio * seen), self.protected + 1)
 
+    def sliding_layer(self, kind: str, kwargs: dict):
+        """The cache layer of a sliding-window layer (``kind`` and transformers' layer ``kwargs``), or None
+        for the default (transformers' own, which already holds at most its window)."""
+        return None
+
     # ------------------------------------------------------------------- scoring
     def observe(self, layer: SelectingLayer, view: AttentionView | None) -> None:
         """Update running statistics after an attention call (default: nothing)."""

@@ -54,6 +54,11 @@ class Tiered(SparsePolicy):
         (CPU memory; outside the model's memory only when the model runs on an accelerator).
     tier_dir:
         Folder of the tier files (default: ``$TOKENSIFT_CACHE/tier``); files are unlinked at once.
+    window_bits:
+        Sliding-window layers (Gemma 3's local layers) hold their window as ``window_bits``-bit
+        codes per token and group of ``window_group`` channels (0: leave them in full precision).
+    window_group:
+        Channels per scale and zero-point in those layers.
     refresh:
         Decode steps one selection serves: the sketch is scored every ``refresh`` steps and the
         steps between read the same tokens plus those added since (1: score every step).
@@ -70,6 +75,8 @@ class Tiered(SparsePolicy):
     tier: str = "file"
     tier_dir: str | None = None
     refresh: int = 1
+    window_bits: int = 4
+    window_group: int = 64
 
     def validate_method(self) -> None:
         from tokensift.storage.tier import KINDS, check_folder
@@ -77,6 +84,10 @@ class Tiered(SparsePolicy):
         check_bits(self.bits)
         if self.group < 1:
             raise TokensiftError(f"tiered: group must be >= 1 (got {self.group})")
+        if self.window_bits:
+            check_bits(self.window_bits)
+        if self.window_group < 1:
+            raise TokensiftError(f"tiered: window_group must be >= 1 (got {self.window_group})")
         if self.refresh < 1:
             raise TokensiftError(f"tiered: refresh must be >= 1 (got {self.refresh})")
         if self.tier not in KINDS:
@@ -95,6 +106,13 @@ class Tiered(SparsePolicy):
         from tokensift.storage.tiered import TieredLayer
 
         return sparse_layer_class(TieredLayer)
+
+    def sliding_layer(self, kind: str, kwargs: dict):
+        from tokensift.storage.window import QuantizedWindowLayer
+
+        if kind != "sliding_attention" or not self.window_bits:
+            return None
+        return QuantizedWindowLayer(bits=self.window_bits, group=self.window_group, **kwargs)
 
     def read(self, layer, query, key, value, query_valid, scaling):
         saved = layer.state.get(SELECTION)
