@@ -72,6 +72,18 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     return prompt_file.read_text(encoding="utf-8")
 
 
+def check_numbers(max_new_tokens: int, prefill_chunk: int | None, temperature: float, top_p: float) -> None:
+    """One-line errors for generation numbers no run can use (before any model is loaded)."""
+    if max_new_tokens < 0:
+        raise TokensiftError(f"--max-new-tokens must be >= 0 (got {max_new_tokens})")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise TokensiftError(f"--prefill-chunk must be >= 1 (got {prefill_chunk})")
+    if not 0.0 <= temperature < float("inf"):
+        raise TokensiftError(f"--temperature must be a finite number >= 0 (got {temperature})")
+    if not 0.0 < top_p <= 1.0:
+        raise TokensiftError(f"--top-p must be in (0, 1] (got {top_p})")
+
+
 @app.command()
 def generate(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="Prompt text."),
@@ -111,6 +123,7 @@ def generate(
 
     if budget is not None and ratio is not None:
         raise TokensiftError("give --budget or --ratio, not both")
+    check_numbers(max_new_tokens, prefill_chunk, temperature, top_p)
     chosen = build_policy(policy, budget=budget, ratio=ratio, **parse_settings(settings))
     if speculate is not None:
         from tokensift.speculative import DRAFTER_NAMES
@@ -121,6 +134,8 @@ def generate(
             raise TokensiftError("--question is not supported with --speculate")
         if top_k or repetition_penalty != 1.0 or stop:
             raise TokensiftError("--top-k, --repetition-penalty and --stop are not supported with --speculate")
+        if tree_nodes is not None and tree_nodes < 0:
+            raise TokensiftError(f"--tree-nodes must be >= 0 (got {tree_nodes})")
     elif tree_nodes is not None or spec_state is not None:
         raise TokensiftError("--tree-nodes and --spec-state need --speculate")
     text = read_prompt(prompt, prompt_file)
@@ -312,6 +327,9 @@ def main() -> None:
             sys.exit(code)
     except TokensiftError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except (OSError, UnicodeDecodeError) as error:  # unreadable/unwritable files and folders given by the user
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
     except typer.Exit as done:
         sys.exit(done.exit_code)

@@ -162,10 +162,14 @@ def resolve_policy(policy: Policy | str | None, **params) -> Policy:
         return build_policy("full")
     if isinstance(policy, str):
         return build_policy(policy, **params)
+    if not isinstance(policy, Policy):
+        raise TokensiftError(f"policy must be a Policy, a policy name or an expression, got {type(policy).__name__}")
     return policy
 
 
 def check_length(model, prompt_len: int, max_new_tokens: int) -> None:
+    if max_new_tokens < 0:
+        raise TokensiftError(f"max_new_tokens must be >= 0 (got {max_new_tokens})")
     limit = model_context_length(model)
     if limit and prompt_len + max_new_tokens > limit:
         raise TokensiftError(
@@ -238,6 +242,10 @@ def generate(
     if streamer is not None and len(contexts) > 1:
         raise TokensiftError("a streamer takes one prompt at a time (got a batch)")
     full_prompts = [c + q for c, q in zip(contexts, questions)] if questions else contexts
+    if any(not c for c in contexts):
+        raise TokensiftError("the prompt is empty (every prompt needs at least one token)")
+    if prefill_chunk is not None and prefill_chunk < 1:
+        raise TokensiftError(f"prefill_chunk must be >= 1 (got {prefill_chunk})")
     prompt_len = max(len(c) for c in contexts) + (max(len(q) for q in questions) if questions else 0)
     check_length(model, prompt_len, sampling.max_new_tokens)
     cache = cache or make_cache(model, policy)

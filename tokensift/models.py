@@ -108,7 +108,11 @@ def ensure_converted(gguf: Path) -> Path:
     target = converted_dir(gguf)
     if not (target / "config.json").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        convert_gguf(gguf, target)
+        try:
+            convert_gguf(gguf, target)
+        except (ValueError, KeyError, OSError, EOFError) as error:  # not a GGUF transformers can read
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise TokensiftError(f"cannot read the model file {gguf}: {reason}") from None
     return target
 
 

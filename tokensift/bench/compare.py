@@ -22,6 +22,7 @@ from tokensift.bench import kvpress_compare
 from tokensift.bench.report import write_report
 from tokensift.bench.runner import Results
 from tokensift.bench.tasks import QUERY_AGNOSTIC, build_instances, default_tokenizer, write_jsonl
+from tokensift.errors import TokensiftError
 
 
 def kvpress_cell(task: str, length: int, press: str, budget: int) -> str:
@@ -31,10 +32,15 @@ def kvpress_cell(task: str, length: int, press: str, budget: int) -> str:
 def compare_kvpress(out: Path, tasks: list[str], length: int, samples: int, seed: int, budgets: list[int],
                     presses: list[str], threads: int = 2, model: str | None = None) -> None:
     """Run the presses at the budgets' keep ratios and merge the rows into ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    results = Results(out / "results.jsonl")
+    kvpress_compare.make_runs(presses, [0.5])  # unknown presses: a one-line error before anything is written
+    if samples < 1:
+        raise TokensiftError(f"--samples must be at least 1, got {samples}")
+    if any(budget < 1 for budget in budgets):
+        raise TokensiftError(f"budgets must be at least 1 token, got {budgets}")
     tokenizer = model_tokenizer(model)
     instances = [i for task in tasks for i in build_instances(task, tokenizer, length, samples, seed)]
+    out.mkdir(parents=True, exist_ok=True)
+    results = Results(out / "results.jsonl")
     context = len(instances[0].context_ids)
     keep_of = {budget: budget / context for budget in budgets}
     todo = [(p, b) for p in presses for b in budgets if not all(kvpress_cell(t, length, p, b) in results.done for t in tasks)]

@@ -605,6 +605,7 @@ def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, worker
         raise TokensiftError(f"--workers must be at least 1, got {workers}")
     if config.kernels not in KERNELS:
         raise TokensiftError(f"unknown kernels '{config.kernels}'; use one of: {', '.join(KERNELS)}")
+    check_config(config)  # before anything is written
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     results = Results(out / "results.jsonl")
@@ -640,6 +641,35 @@ def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, worker
                 note(f"cost {length} done")
     write_report(out)
     console.print(f"results: {out / 'results.jsonl'}  report: {out / 'report.md'}")
+
+
+def check_config(config: BenchConfig) -> None:
+    """One-line errors for a matrix no run can do: unknown tasks, protocols or policies, sizes out of range."""
+    from tokensift.bench.tasks.base import context_length
+    from tokensift.bench.tasks.instance import check_protocol
+    from tokensift.policies.registry import get_policy_class, parse_expression
+
+    for name in config.tasks + config.full_only_tasks:
+        if name != "cost":
+            get_task(name)
+    for protocol in config.protocols:
+        check_protocol(protocol)
+    for length in config.lengths + config.cost_lengths + ([config.ppl_length] if "ppl" in config.tasks else []):
+        context_length(length)
+    for count, what in ((config.samples, "--samples"), (config.ppl_samples, "ppl samples"), (config.fidelity_samples, "fidelity samples")):
+        if count < 1:
+            raise TokensiftError(f"{what} must be at least 1, got {count}")
+    for budget in config.budgets + config.lm_budgets:
+        if budget < 1:
+            raise TokensiftError(f"a budget must be at least 1 token, got {budget}")
+    for ratio in config.ratios:
+        if not 0.0 < ratio < 1.0:
+            raise TokensiftError(f"a ratio must be between 0 and 1 exclusive, got {ratio}")
+    for expression in config.policies:
+        node = parse_expression(expression.removesuffix(ALL_TOKENS))
+        while node is not None:
+            get_policy_class(node.name)
+            node = node.inner
 
 
 def pending_job(job: Job, config: BenchConfig, results: Results, settings: list[Setting]) -> bool:
