@@ -233,3 +233,30 @@ def test_replayed_and_merged_caches_decode_like_a_fresh_prefill(name):
     assert greedy_tokens(model, replayed, [suffix], 12)[0] == expected
     merged = merge_caches([replay(model, policy, recording), replay(model, build_policy("full"), recording)], model)
     assert greedy_tokens(model, merged, [suffix, suffix], 12)[0] == expected
+
+
+def test_cli_bench_passes_the_model_to_every_language_model_suite(monkeypatch, capsys):
+    import sys
+
+    from tokensift import cli
+
+    seen = {}
+    monkeypatch.setattr("tokensift.bench.runner.run_bench", lambda config, out, workers=1: seen.setdefault("config", config))
+    monkeypatch.setattr("tokensift.bench.sparse_speed.run_sparse_speed", lambda out, **kw: seen.setdefault("sparse", kw))
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["tokensift", "bench", *args])
+        try:
+            cli.main()
+        except SystemExit as done:
+            return done.code
+        return 0
+
+    assert run("--suite", "long", "--lengths", "8192") == 0
+    assert seen["config"].model == "gemma3" and seen["config"].lengths == [8192]
+    seen.clear()
+    assert run("--suite", "quick", "--model", "gemma3") == 0 and seen["config"].model == "gemma3"
+    assert run("--suite", "sparse-speed", "--model", "gemma3", "--lengths", "16384") == 0
+    assert seen["sparse"] == {"model": "gemma3", "lengths": [16384]}
+    assert run("--suite", "vision", "--model", "gemma3") == 2
+    assert "not a language model" in capsys.readouterr().err
