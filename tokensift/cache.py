@@ -1,7 +1,8 @@
 """The selecting cache: per-layer kept K/V, true positions, budgets, honest byte counts.
 
-Full-attention layers become :class:`SelectingLayer`; sliding-window layers (Gemma 3) keep
-transformers' own layer, which is already bounded. Each selecting layer stores, per KV head,
+Full-attention layers become :class:`SelectingLayer`; sliding-window layers (Gemma 3) become
+:class:`WindowLayer`, transformers' own layer holding at most its window (policies do not act
+there; budgets count the selecting layers only). Each selecting layer stores, per KV head,
 only the tokens its policy keeps, with their true positions; it reports to transformers the
 true number of tokens seen, so RoPE positions never renumber.
 """
