@@ -32,7 +32,12 @@ def main() -> int:
 
     torch.manual_seed(0)
     model, tokenizer = load_model()
-    prompts = {p["text"]: p for p in spec_prompts(tokenizer, args.per_category)}.values()  # distinct texts
+    distinct = list({p["text"]: p for p in spec_prompts(tokenizer, args.per_category)}.values())
+    by_category = {}
+    for prompt in distinct:
+        by_category.setdefault(prompt["category"], []).append(prompt)
+    # categories interleaved, so a run stopped early still covers every one
+    prompts = [p for group in itertools.zip_longest(*by_category.values()) for p in group if p is not None]
     # adaptive trees with a cheap synthetic cost (they draft a lot), and fixed sizes; state carried across prompts
     variants = [("auto", None), ("recycling", 12), ("prompt_lookup", 6), ("lookahead", 24), ("auto", 40)]
     speculators = {v: Speculator(model, v[0], fixed_nodes=v[1], cost=CostModel.synthetic(0.05) if v[1] is None else None)
