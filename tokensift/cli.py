@@ -231,13 +231,14 @@ SUITE_RUNNERS = {
     "vision": ("tokensift.bench.vision_suite", "run_vision_suite"),
     "spec": ("tokensift.bench.spec_suite", "run_spec_suite"),
     "sparse-speed": ("tokensift.bench.sparse_speed", "run_sparse_speed"),
+    "small-cache": ("tokensift.bench.small_cache", "run_small_cache"),
 }
 TEXT_SUITES = ("quick", "standard", "full", "long")
 
 
 @app.command()
 def bench(
-    suite: str = typer.Option("quick", "--suite", help="quick | standard | full | long | vision | spec | sparse-speed"),
+    suite: str = typer.Option("quick", "--suite", help="quick | standard | full | long | vision | spec | sparse-speed | small-cache"),
     model: Optional[str] = typer.Option(None, "--model", help="smollm2 (default), gemma3, a .gguf or a folder (the long suite: gemma3)."),
     policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated policy names/expressions."),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma-separated token budgets."),
@@ -265,8 +266,10 @@ def bench(
         if model is not None and suite == "vision":
             raise TokensiftError("the vision suite runs DINOv2 and tiny VLMs, not a language model: drop --model")
         extra = {} if model is None else {"model": model}
-        if suite == "sparse-speed" and lengths:
+        if suite in ("sparse-speed", "small-cache") and lengths:
             extra["lengths"] = split_list(lengths, int)
+        if suite == "small-cache" and policies:
+            extra["policies"] = split_list(policies)
         runner(out, **extra)
         return
     if suite not in TEXT_SUITES:
