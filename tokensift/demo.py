@@ -1,6 +1,6 @@
 """``make demo``: a ~4k-token needle in a haystack of Paul Graham essays, answered by the
-embedded model with the full cache, two eviction policies at a fixed budget, and zipcache
-keeping every token at 8/4 bits.
+embedded model with the full cache, two eviction policies at a fixed budget, zipcache keeping
+every token at 8/4 bits, and ``tiered`` holding a 2-bit key sketch (exact rows in a file).
 
 Query-agnostic: the essays (with the needle) are prefilled and compressed first; the question
 is appended only afterwards, so no policy can see what will be asked.
@@ -23,9 +23,11 @@ EVICTING = ("streaming_llm", "snapkv")  # keep `budget` tokens per layer and KV 
 
 
 def demo_policies(budget: int):
-    """The full cache, two eviction policies at ``budget``, and zipcache keeping every token at 8/4 bits."""
+    """The full cache, two eviction policies at ``budget``, zipcache keeping every token at 8/4 bits, and
+    ``tiered`` reading ``budget / 2`` exact rows per step from a second tier."""
     evicting = [build_policy(name, budget=budget) for name in EVICTING]
-    return [build_policy("full"), *evicting, build_policy("zipcache", hi_bits=8, lo_bits=4)]
+    return [build_policy("full"), *evicting, build_policy("zipcache", hi_bits=8, lo_bits=4),
+            build_policy("tiered", k=budget // 2)]
 
 
 def run_demo(budget: int = 512, length: int = 4096, samples: int = 3, seed: int = 0, device=None, dtype=None) -> list[dict]:
@@ -44,7 +46,7 @@ def run_demo(budget: int = 512, length: int = 4096, samples: int = 3, seed: int 
     with progress:
         bar = progress.add_task("needle prompts", total=len(policies) * samples)
         for policy in policies:
-            correct, kv_bytes, speeds, answers = 0, 0, [], []
+            correct, kv_bytes, smaller, speeds, answers = 0, 0, [], [], []
             for instance in instances:
                 progress.update(bar, description=f"{policy.describe()} depth {instance.meta.get('depth')}")
                 result = generate(
@@ -54,12 +56,13 @@ def run_demo(budget: int = 512, length: int = 4096, samples: int = 3, seed: int 
                 text = result.text[0]
                 correct += task.score(instance, text) == 1.0
                 kv_bytes += result.kv_bytes
+                smaller.append(result.kv_bytes_full_bf16 / result.kv_bytes_bf16)
                 speeds.append(result.tokens_per_second)
                 answers.append(text.strip().split("\n")[0][:24])
                 progress.advance(bar)
             rows.append({
                 "policy": policy.describe(), "correct": correct, "samples": samples,
-                "kv_mb": kv_bytes / samples / 2**20, "tokens_per_second": sum(speeds) / len(speeds),
+                "kv_mb": kv_bytes / samples / 2**20, "x_smaller_bf16": sum(smaller) / len(smaller), "tokens_per_second": sum(speeds) / len(speeds),
                 "answers": answers,
             })
     console.print(demo_table(rows, instances, length))
@@ -69,11 +72,11 @@ def run_demo(budget: int = 512, length: int = 4096, samples: int = 3, seed: int 
 def demo_table(rows: list[dict], instances, length: int) -> Table:
     gold = ", ".join(i.answers[0] for i in instances)
     table = Table(title=f"needle in a {length}-token haystack, question asked after compression (gold: {gold})")
-    for column in ("policy", "answer correct?", "KV MB held", "tokens/s", "answers"):
+    for column in ("policy", "answer correct?", "KV MB held", "x smaller than bf16 full", "tokens/s", "answers"):
         table.add_column(column, overflow="fold")  # narrow terminals wrap, never cut, a policy name
     for row in rows:
         table.add_row(
-            row["policy"], f"{row['correct']}/{row['samples']}", f"{row['kv_mb']:.1f}",
+            row["policy"], f"{row['correct']}/{row['samples']}", f"{row['kv_mb']:.1f}", f"{row['x_smaller_bf16']:.1f}",
             f"{row['tokens_per_second']:.1f}", " | ".join(row["answers"]),
         )
     return table

@@ -34,6 +34,9 @@ class GenerationResult:
     tokens_per_second: float
     policy: str
     params: dict = field(default_factory=dict)
+    kv_bytes_bf16: int = 0  # what the cache would hold in a bf16 run (packed codes and scales as they are)
+    kv_bytes_full_bf16: int = 0  # what a full bf16 cache holds for the same tokens
+    tier_bytes: int = 0  # exact rows kept in a second tier outside the resident cache (tiered)
 
     def as_dict(self, single: bool = True) -> dict:
         record = asdict(self)
@@ -305,6 +308,9 @@ def generate(
         kv_tokens=cache.kv_tokens(),
         kv_bytes=cache.kv_bytes,
         kv_bytes_full=cache.kv_bytes_full,
+        kv_bytes_bf16=cache.kv_bytes_bf16,
+        kv_bytes_full_bf16=cache.kv_bytes_full_bf16,
+        tier_bytes=cache.tier_bytes,
         prefill_seconds=prefill_seconds,
         decode_seconds=decode_seconds,
         seconds=prefill_seconds + decode_seconds,
