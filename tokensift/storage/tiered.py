@@ -212,10 +212,3 @@ class TieredLayer(SelectingLayer):
     @property
     def tier_bytes(self) -> int:
         return 0 if self.tier is None else self.tier.nbytes
-
-    @property
-    def kv_bytes_full(self) -> int:
-        if self.keys is None:
-            return 0
-        batch, heads, _, dim = self.keys.shape
-        return 2 * batch * heads * self.seen * dim * self.keys.element_size()
