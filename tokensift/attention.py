@@ -19,6 +19,7 @@ from tokensift.cache import SelectingLayer, take_last_updated
 from tokensift.scoring import AttentionView
 
 NAME = "tokensift"
+PREFILL_WATCH: list = [None]  # a pruning prefill's score watch (tokensift.prefill.subset.ScoreWatch), while it runs
 
 
 def new_token_validity(attention_mask: torch.Tensor | None, batch: int, q_len: int, device) -> torch.Tensor:
@@ -42,12 +43,14 @@ def new_token_block(attention_mask: torch.Tensor | None, q_len: int) -> torch.Te
 def attention_view(layer: SelectingLayer, query: torch.Tensor, query_valid: torch.Tensor, scaling: float) -> AttentionView:
     """Everything a scorer needs about this attention call."""
     q_len = query.shape[2]
+    subset = layer.subset_positions  # a pruning prefill's block: its queries sit at these true positions
+    query_positions = subset if subset is not None else torch.arange(layer.seen - q_len, layer.seen, device=query.device)
     return AttentionView(
         query=query,
         keys=layer.keys,
         key_valid=layer.valid,
         key_positions=layer.positions,
-        query_positions=torch.arange(layer.seen - q_len, layer.seen, device=query.device),
+        query_positions=query_positions,
         query_valid=query_valid,
         scaling=scaling,
     )
@@ -55,6 +58,8 @@ def attention_view(layer: SelectingLayer, query: torch.Tensor, query_valid: torc
 
 def tokensift_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention for the selecting cache (see module docstring)."""
+    if PREFILL_WATCH[0] is not None:
+        PREFILL_WATCH[0](module, query, key, scaling)
     layer = take_last_updated(key)
     if layer is None:
         window = kwargs.pop("sliding_window", None)

@@ -21,6 +21,9 @@ PER_SEQUENCE = ("keys", "values", "positions", "ranks", "valid", "sink", "valid_
 SMALL_APPEND = 16  # appends of at most this many tokens (decode steps, draft trees) get spare room
 GROWTH_FRACTION = 16  # spare room: 1/16 of the layer (at least SMALL_APPEND slots)
 
+# cache.shared key of a pruning prefill's current token subset (tokensift.prefill.subset.Subset)
+SUBSET = "prefill_subset"
+
 # The layer whose ``update`` ran last: the attention function picks it up right after.
 _LAST_UPDATED: list = [None]
 
@@ -64,6 +67,8 @@ class SelectingLayer(CacheLayerMixin):
 
     is_sliding = False
     is_croppable = True
+    subset_prefill = True  # takes a pruning prefill's token subset at true positions (tokensift.prefill)
+    subset_positions = None  # true positions of the tokens of the last update, when it was such a subset
     positions = _lazy_metadata("positions")
     ranks = _lazy_metadata("ranks")
     valid = _lazy_metadata("valid")
@@ -111,6 +116,10 @@ class SelectingLayer(CacheLayerMixin):
         """Append new tokens (assumed valid until the attention call says otherwise)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        subset = self.shared.get(SUBSET)
+        if subset is not None:
+            return self._update_subset(key_states, value_states, subset)
+        self.subset_positions = None
         batch, heads, new = key_states.shape[:3]
         spare = self.growth_room(new)
         self.keys = self._append("keys", key_states, spare)
@@ -120,6 +129,26 @@ class SelectingLayer(CacheLayerMixin):
         else:
             self._append_metadata(batch, heads, self.seen, new, spare)
         self.seen += new
+        _LAST_UPDATED[0] = (self, self.keys)
+        return self.keys, self.values
+
+    def _update_subset(self, key_states: torch.Tensor, value_states: torch.Tensor, subset):
+        """A pruning prefill's block (batch of one, empty layer): these tokens sit at the true
+        positions ``subset.positions`` among ``subset.total`` prompt tokens, all of them seen."""
+        if self.kept:
+            raise RuntimeError("a pruning prefill needs an empty layer")
+        batch, heads, new = key_states.shape[:3]
+        positions = subset.positions.to(self.device)
+        self.keys = self._append("keys", key_states, 0)
+        self.values = self._append("values", value_states, 0)
+        self.positions = positions.expand(batch, heads, new).contiguous()
+        self.ranks = self.positions.clone()
+        self.valid = torch.ones(batch, heads, new, dtype=torch.bool, device=self.device)
+        self.sink = self.ranks < self.policy.n_sink
+        self.valid_seen = torch.full((batch,), subset.total, dtype=torch.long, device=self.device)
+        self.seen = subset.total
+        self.compressed = new < subset.total
+        self.subset_positions = positions
         _LAST_UPDATED[0] = (self, self.keys)
         return self.keys, self.values
 
@@ -345,6 +374,8 @@ class SelectingLayer(CacheLayerMixin):
     def mark_new_tokens(self, new_valid: torch.Tensor) -> None:
         """Record which of the newest tokens are padding ([batch, new] bool) and which are sinks."""
         new = new_valid.shape[1]
+        if self.subset_positions is not None:  # a pruning prefill's block: marked by update (all real)
+            return
         if self._unmarked == new and bool(new_valid.all()):
             self._pending, self._unmarked = self._pending + new, 0  # all real: the metadata can wait
             return

@@ -43,6 +43,20 @@ def policies() -> None:
     Console().print(table)
 
 
+@app.command()
+def prefills() -> None:
+    """List every prefill policy (which prompt tokens each layer computes) with its parameters and paper."""
+    from tokensift.prefill import PREFILLS
+
+    table = Table(title="tokensift prefill policies")
+    for column in ("prefill", "parameters (defaults)", "paper"):
+        table.add_column(column, overflow="fold")
+    for name, cls in sorted(PREFILLS.items()):
+        fields = ", ".join(f"{f.name}={f.default}" for f in dataclasses.fields(cls))
+        table.add_row(name, fields, cls.paper)
+    Console().print(table)
+
+
 DEVICE_HELP = "cpu (default), cuda, cuda:N, mps or auto."
 DTYPE_HELP = "float32 (default, the exact reference), bfloat16 or float16."
 
@@ -105,6 +119,8 @@ def generate(
     seed: int = typer.Option(0, "--seed"),
     chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template."),
     prefill_chunk: Optional[int] = typer.Option(None, "--prefill-chunk", help="Prefill in chunks (policy acts after each)."),
+    prefill: str = typer.Option("full", "--prefill", help="Prefill policy: full | lazyllm | gemfilter (see `tokensift prefills`)."),
+    prefill_settings: Optional[list[str]] = typer.Option(None, "--prefill-set", help="Prefill parameter key=value (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     speculate: Optional[str] = typer.Option(
         None, "--speculate", help="Lossless draft-free speculative decoding: recycling | prompt_lookup | lookahead | auto."
@@ -120,11 +136,13 @@ def generate(
     from tokensift.generate import generate as run_generate
     from tokensift.models import load_model
     from tokensift.policies import build_policy
+    from tokensift.prefill import build_prefill
 
     if budget is not None and ratio is not None:
         raise TokensiftError("give --budget or --ratio, not both")
     check_numbers(max_new_tokens, prefill_chunk, temperature, top_p)
     chosen = build_policy(policy, budget=budget, ratio=ratio, **parse_settings(settings))
+    prefill_policy = build_prefill(prefill, **parse_settings(prefill_settings))
     if speculate is not None:
         from tokensift.speculative import DRAFTER_NAMES
 
@@ -146,12 +164,12 @@ def generate(
     if speculate is not None:
         run_speculative(model_obj, tokenizer, text, speculate, tree_nodes, spec_state, chosen, as_json, stream,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                        prefill_chunk=prefill_chunk, finish=finish)
+                        prefill_chunk=prefill_chunk, finish=finish, prefill=prefill_policy)
         return
     result = run_generate(
         model_obj, tokenizer, text, policy=chosen, question=question, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
-        stop_strings=stop or (), seed=seed, prefill_chunk=prefill_chunk, on_token=stream,
+        stop_strings=stop or (), seed=seed, prefill_chunk=prefill_chunk, on_token=stream, prefill=prefill_policy,
     )
     if as_json:
         print(json.dumps(result.as_dict()))
@@ -159,7 +177,7 @@ def generate(
     finish()
     console.print(
         f"[dim]{result.policy}: {result.prompt_tokens} prompt + {result.new_tokens} new tokens, "
-        f"KV {result.kv_bytes / 2**20:.1f} MiB of {result.kv_bytes_full / 2**20:.1f} MiB full, "
+        f"prefill {result.prefill} {result.prefill_seconds:.2f} s, KV {result.kv_bytes / 2**20:.1f} MiB of {result.kv_bytes_full / 2**20:.1f} MiB full, "
         f"{result.tokens_per_second:.1f} tok/s[/dim]"
     )
 
@@ -232,13 +250,14 @@ SUITE_RUNNERS = {
     "spec": ("tokensift.bench.spec_suite", "run_spec_suite"),
     "sparse-speed": ("tokensift.bench.sparse_speed", "run_sparse_speed"),
     "small-cache": ("tokensift.bench.small_cache", "run_small_cache"),
+    "ttft": ("tokensift.bench.ttft_suite", "run_ttft_suite"),
 }
 TEXT_SUITES = ("quick", "standard", "full", "long")
 
 
 @app.command()
 def bench(
-    suite: str = typer.Option("quick", "--suite", help="quick | standard | full | long | vision | spec | sparse-speed | small-cache"),
+    suite: str = typer.Option("quick", "--suite", help="quick | standard | full | long | vision | spec | sparse-speed | small-cache | ttft"),
     model: Optional[str] = typer.Option(None, "--model", help="smollm2 (default), gemma3, a .gguf or a folder (the long suite: gemma3)."),
     policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated policy names/expressions."),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma-separated token budgets."),
@@ -270,6 +289,10 @@ def bench(
             extra["lengths"] = split_list(lengths, int)
         if suite == "small-cache" and policies:
             extra["policies"] = split_list(policies)
+        if suite == "ttft":  # --policies: prefill policies
+            given = {"lengths": split_list(lengths, int), "tasks": split_list(tasks), "protocols": split_list(protocols),
+                     "prefills": split_list(policies), "samples": samples}
+            extra |= {key: value for key, value in given.items() if value is not None}
         runner(out, **extra)
         return
     if suite not in TEXT_SUITES:

@@ -15,6 +15,7 @@ from tokensift.cache import SelectingCache, make_cache
 from tokensift.devices import clock, model_device
 from tokensift.errors import TokensiftError
 from tokensift.policies import Policy, build_policy
+from tokensift.prefill import PrefillPolicy, build_prefill
 
 
 @dataclass
@@ -37,6 +38,7 @@ class GenerationResult:
     kv_bytes_bf16: int = 0  # what the cache would hold in a bf16 run (packed codes and scales as they are)
     kv_bytes_full_bf16: int = 0  # what a full bf16 cache holds for the same tokens
     tier_bytes: int = 0  # exact rows kept in a second tier outside the resident cache (tiered)
+    prefill: str = "full"  # the prefill policy (tokensift.prefill): which prompt tokens each layer computed
 
     def as_dict(self, single: bool = True) -> dict:
         record = asdict(self)
@@ -95,6 +97,11 @@ class Decoder:
         for start in range(0, ids.shape[1], step):
             logits = self.forward(ids[:, start:start + step], mask[:, start:start + step])
         return logits
+
+    def prefill_pruned(self, policy: PrefillPolicy, ids: torch.Tensor) -> torch.Tensor:
+        """Feed a prompt (batch of one) under a pruning prefill policy: every token counts as seen."""
+        self.mask = torch.ones_like(ids)
+        return policy.run(self.model, self.cache, ids)
 
 
 @dataclass
@@ -222,6 +229,7 @@ def generate(
     stop_at_eos: bool = True,
     on_token: Callable[[int], None] | None = None,
     cache: SelectingCache | None = None,
+    prefill: PrefillPolicy | str | None = None,
 ) -> GenerationResult:
     """Generate from ``prompt`` (a string, ids, or a list of either for a batch) under ``policy``.
 
@@ -232,8 +240,11 @@ def generate(
     ``stop_strings`` (its ``eos_token_id`` too, when set). A sequence stops after the token that
     completes a stop string (the string is kept in the text, as in transformers).
     ``streamer``: a transformers ``TextStreamer``/``TextIteratorStreamer`` (batch of one).
+    ``prefill``: a prefill policy (``tokensift.prefill``; default ``full``) deciding which prompt
+    tokens each layer computes (batch of one, no ``prefill_chunk`` unless ``full``).
     """
     policy = resolve_policy(policy)
+    prefill = build_prefill(prefill)
     sampling = (sampling_from_config(generation_config, max_new_tokens) if generation_config is not None else
                 Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, tuple(stop_strings)))
     prompts = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
@@ -249,6 +260,8 @@ def generate(
         raise TokensiftError("the prompt is empty (every prompt needs at least one token)")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise TokensiftError(f"prefill_chunk must be >= 1 (got {prefill_chunk})")
+    if prefill.prunes and (len(contexts) > 1 or prefill_chunk is not None):
+        raise TokensiftError(f"prefill '{prefill.name}' takes one prompt at a time, without --prefill-chunk")
     prompt_len = max(len(c) for c in contexts) + (max(len(q) for q in questions) if questions else 0)
     check_length(model, prompt_len, sampling.max_new_tokens)
     cache = cache or make_cache(model, policy)
@@ -263,7 +276,10 @@ def generate(
     stream_prompt(streamer, full_prompts[0])
 
     start = clock(device)
-    logits = decoder.prefill(*left_pad(contexts, pad_id, device), prefill_chunk)
+    if prefill.prunes:
+        logits = decoder.prefill_pruned(prefill, torch.tensor(contexts, dtype=torch.long, device=device))
+    else:
+        logits = decoder.prefill(*left_pad(contexts, pad_id, device), prefill_chunk)
     if questions:
         logits = decoder.forward(*left_pad(questions, pad_id, device))
     prefill_seconds = clock(device) - start
@@ -317,4 +333,5 @@ def generate(
         tokens_per_second=(new_tokens - 1) / decode_seconds if new_tokens > 1 and decode_seconds > 0 else 0.0,
         policy=policy.name,
         params=policy.params(),
+        prefill=prefill.name,
     )

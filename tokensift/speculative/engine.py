@@ -21,6 +21,7 @@ from tokensift.devices import clock, model_device
 from tokensift.errors import TokensiftError
 from tokensift.generate import choose_next, encode, model_context_length, resolve_policy
 from tokensift.kernels import packed_linears
+from tokensift.prefill import build_prefill
 from tokensift.speculative.adaptive import AcceptanceStats, PromptCalibration, choose_size
 from tokensift.speculative.base import Drafter
 from tokensift.speculative.cost import CostModel, cost_for
@@ -187,8 +188,11 @@ class Speculator:
     def _generate(self, tokenizer, prompt, *, policy=None, max_new_tokens: int = 64, temperature: float = 0.0,
                   top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
                   on_token: Callable[[int], None] | None = None, cache: SelectingCache | None = None,
-                  prefill_chunk: int | None = None) -> SpecResult:
+                  prefill_chunk: int | None = None, prefill=None) -> SpecResult:
         policy = resolve_policy(policy)
+        prefill = build_prefill(prefill)
+        if prefill.prunes and prefill_chunk is not None:
+            raise TokensiftError(f"prefill '{prefill.name}' prefills the whole prompt: drop --prefill-chunk")
         ids = encode(tokenizer, prompt)
         if not ids:
             raise TokensiftError("the prompt is empty")
@@ -209,7 +213,10 @@ class Speculator:
 
         start = clock(device)
         step = prefill_chunk or max(len(ids) - 1, 1)
-        for begin in range(0, len(ids) - 1, step):
+        pruned = prefill.prunes and len(ids) > 1
+        if pruned:  # the prompt but its last token, which the first tree carries
+            prefill.run(self.model, cache, torch.tensor([ids[:-1]], device=device))
+        for begin in range(0, 0 if pruned else len(ids) - 1, step):
             chunk = ids[begin:min(begin + step, len(ids) - 1)]
             self.model.model(input_ids=torch.tensor([chunk], device=device),
                              position_ids=torch.arange(begin, begin + len(chunk), device=device)[None],

@@ -34,6 +34,8 @@ MIN_SPARE_ROWS = 64
 class TieredLayer(SelectingLayer):
     """Resident key sketch + exact rows in a second tier (see module docstring)."""
 
+    subset_prefill = False  # positions are implicit (every token kept): no pruning prefill
+
     def __init__(self, layer_idx: int, num_layers: int, policy):
         CacheLayerMixin.__init__(self)
         self.layer_idx, self.num_layers, self.policy = layer_idx, num_layers, policy
