@@ -25,6 +25,9 @@ def serve(
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads."),
     kernels: str = typer.Option("packed", "--kernels", help="packed (prepacked oneDNN linears) | stock."),
     name: Optional[str] = typer.Option(None, "--served-name", help="Model name in /v1/models (default: --model or smollm2)."),
+    replicas: Optional[int] = typer.Option(None, "--replicas", help="Model replicas behind one endpoint on Ray Serve (the ray extra)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster of the replicas: HOST:PORT or auto (default: a local Ray)."),
+    replica_cpus: float = typer.Option(1.0, "--replica-cpus", help="CPUs Ray reserves per replica (its torch threads unless --threads)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a policy per request."""
     from tokensift.cli import parse_settings
@@ -43,6 +46,14 @@ def serve(
         raise TokensiftError(error.message) from None
     defaults = ServerDefaults(policy=policy, budget=budget, ratio=ratio, policy_params=params,
                               speculate=drafter, max_tokens=max_tokens)
+    if replicas is not None or ray_address is not None:
+        from tokensift.serve.replicas import run_replicas
+
+        run_replicas(model, host, port, defaults, replicas=1 if replicas is None else replicas, address=ray_address,
+                     replica_cpus=replica_cpus, threads=threads, served_name=name,
+                     app_options={"max_batch": max_batch, "max_queue": max_queue, "packed": kernels == "packed",
+                                  "max_groups": max_groups})
+        return
     run_server(model, host, port, defaults, max_batch=max_batch, max_queue=max_queue, threads=threads,
                packed=kernels == "packed", served_name=name, max_groups=max_groups)
 
