@@ -271,6 +271,8 @@ def bench(
     full_only_tasks: Optional[str] = typer.Option(None, "--full-only-tasks", help="Retrieval tasks run with the full cache only."),
     lm_budgets: Optional[str] = typer.Option(None, "--lm-budgets", help="Budgets for ppl and fidelity (default: --budgets)."),
     workers: int = typer.Option(1, "--workers", help="Processes sharing the cores (each loads the model)."),
+    ray: Optional[str] = typer.Option(None, "--ray", help="Run the jobs on a Ray cluster: --ray alone starts a local "
+                                      "one; --ray auto or --ray HOST:PORT joins a running one (--workers: Ray workers)."),
     kernels: str = typer.Option("packed", "--kernels", help="packed (prepacked oneDNN linears) | stock (PyTorch's default)."),
 ) -> None:
     """Run a benchmark suite; writes results.jsonl, report.md and plots into --out."""
@@ -305,7 +307,7 @@ def bench(
         samples=samples, seed=seed, full_only_tasks=split_list(full_only_tasks), lm_budgets=split_list(lm_budgets, int),
         kernels=kernels, model=model,
     )
-    run_bench(config, out, workers=workers)
+    run_bench(config, out, workers=workers, ray=ray)
 
 
 compare_app = typer.Typer(no_args_is_help=True, help="Run another library on the same tasks, side by side.")
@@ -344,9 +346,25 @@ def register_optional_commands() -> None:
     register_vision(app)
 
 
+# options whose value may be left out: ``--ray`` alone means ``--ray local``
+OPTIONAL_VALUES = {"--ray": "local"}
+
+
+def fill_optional_values(args: list[str]) -> list[str]:
+    """``args`` with the implied value after an option of OPTIONAL_VALUES given without one."""
+    out = []
+    for index, arg in enumerate(args):
+        out.append(arg)
+        following = args[index + 1] if index + 1 < len(args) else None
+        if arg in OPTIONAL_VALUES and (following is None or following.startswith("-")):
+            out.append(OPTIONAL_VALUES[arg])
+    return out
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit status 2."""
     register_optional_commands()
+    sys.argv[1:] = fill_optional_values(sys.argv[1:])
     try:
         code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here
         if isinstance(code, int) and code:

@@ -589,11 +589,13 @@ def run_in_workers(config: BenchConfig, out: Path, jobs: list[Job], workers: int
             process.join()
 
 
-def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, workers: int = 1) -> None:
+def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, workers: int = 1,
+              ray: str | None = None) -> None:
     """Run (or resume) the matrix in ``out`` and write the report and plots.
 
     ``workers`` > 1 runs the jobs in that many processes (each loads ``config.model``), then
-    ``cost`` alone in this process so its timings are not disturbed.
+    ``cost`` alone in this process so its timings are not disturbed. ``ray`` (an address, or
+    ``local``) runs the jobs on a Ray cluster instead (``workers`` > 1: that many Ray workers).
     """
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -606,6 +608,10 @@ def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, worker
     if config.kernels not in KERNELS:
         raise TokensiftError(f"unknown kernels '{config.kernels}'; use one of: {', '.join(KERNELS)}")
     check_config(config)  # before anything is written
+    if ray is not None:
+        from tokensift.ray_cluster import require_ray
+
+        require_ray("tokensift bench --ray")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     results = Results(out / "results.jsonl")
@@ -623,7 +629,14 @@ def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, worker
             if not console.is_terminal:
                 console.print(f"[{time.perf_counter() - started:7.0f} s] {text}", highlight=False)
 
-        if workers > 1 and jobs:
+        if ray is not None and jobs:
+            from tokensift.bench.ray_runner import run_on_ray
+
+            bar.update(handle, description=f"{len(jobs)} jobs on Ray")
+            run_on_ray(config, out, jobs, ray, workers if workers > 1 else None, advance, note)
+            results = Results(out / "results.jsonl")
+            jobs = []
+        elif workers > 1 and jobs:
             bar.update(handle, description=f"{len(jobs)} jobs in {workers} workers")
             run_in_workers(config, out, jobs, workers, advance, note)
             results = Results(out / "results.jsonl")
