@@ -150,8 +150,6 @@ def generate(
             raise TokensiftError(f"unknown drafter '{speculate}'; use one of: {', '.join(DRAFTER_NAMES)}")
         if question is not None:
             raise TokensiftError("--question is not supported with --speculate")
-        if top_k or repetition_penalty != 1.0 or stop:
-            raise TokensiftError("--top-k, --repetition-penalty and --stop are not supported with --speculate")
         if tree_nodes is not None and tree_nodes < 0:
             raise TokensiftError(f"--tree-nodes must be >= 0 (got {tree_nodes})")
     elif tree_nodes is not None or spec_state is not None:
@@ -163,7 +161,8 @@ def generate(
     stream, finish = (None, None) if as_json else text_printer(tokenizer)
     if speculate is not None:
         run_speculative(model_obj, tokenizer, text, speculate, tree_nodes, spec_state, chosen, as_json, stream,
-                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        repetition_penalty=repetition_penalty, stop_strings=stop or (), seed=seed,
                         prefill_chunk=prefill_chunk, finish=finish, prefill=prefill_policy)
         return
     result = run_generate(
@@ -274,9 +273,15 @@ def bench(
     ray: Optional[str] = typer.Option(None, "--ray", help="Run the jobs on a Ray cluster: --ray alone starts a local "
                                       "one; --ray auto or --ray HOST:PORT joins a running one (--workers: Ray workers)."),
     kernels: str = typer.Option("packed", "--kernels", help="packed (prepacked oneDNN linears) | stock (PyTorch's default)."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Run a benchmark suite; writes results.jsonl, report.md and plots into --out."""
     import importlib
+
+    from tokensift.devices import resolve_device, resolve_dtype
+
+    resolve_device(device), resolve_dtype(dtype)  # one-line errors before anything runs
 
     if suite in SUITE_RUNNERS:
         module_name, function = SUITE_RUNNERS[suite]
@@ -286,7 +291,7 @@ def bench(
             raise TokensiftError(f"suite '{suite}' is not available in this installation") from None
         if model is not None and suite == "vision":
             raise TokensiftError("the vision suite runs DINOv2 and tiny VLMs, not a language model: drop --model")
-        extra = {} if model is None else {"model": model}
+        extra = {"device": device, "dtype": dtype} | ({} if model is None else {"model": model})
         if suite in ("sparse-speed", "small-cache") and lengths:
             extra["lengths"] = split_list(lengths, int)
         if suite == "small-cache" and policies:
@@ -305,7 +310,7 @@ def bench(
         suite, policies=split_list(policies), budgets=split_list(budgets, int), ratios=split_list(ratios, float),
         lengths=split_list(lengths, int), tasks=split_list(tasks), protocols=split_list(protocols),
         samples=samples, seed=seed, full_only_tasks=split_list(full_only_tasks), lm_budgets=split_list(lm_budgets, int),
-        kernels=kernels, model=model,
+        kernels=kernels, model=model, device=device, dtype=dtype,
     )
     run_bench(config, out, workers=workers, ray=ray)
 
@@ -325,13 +330,15 @@ def compare_kvpress_command(
     presses: Optional[str] = typer.Option(None, "--presses", help="Comma-separated kvpress presses (default: all supported)."),
     threads: int = typer.Option(2, "--threads", help="Torch threads of the kvpress worker."),
     model: Optional[str] = typer.Option(None, "--model", help="smollm2 (default), gemma3 or a .gguf file."),
+    device: str = typer.Option("cpu", "--device", help=DEVICE_HELP),
+    dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """NVIDIA kvpress (own virtualenv) on the same instances; rows merged with library=kvpress."""
     from tokensift.bench.compare import compare_kvpress
     from tokensift.bench.kvpress_compare import PRESSES
 
     compare_kvpress(out, split_list(tasks), length, samples, seed, split_list(budgets, int),
-                    split_list(presses) or list(PRESSES), threads=threads, model=model)
+                    split_list(presses) or list(PRESSES), threads=threads, model=model, device=device, dtype=dtype)
 
 
 def register_optional_commands() -> None:

@@ -82,3 +82,9 @@ def clock(device: torch.device | str = "cpu") -> float:
     """``time.perf_counter()`` after the device's queued work is done (use for every timer)."""
     synchronize(device)
     return time.perf_counter()
+
+
+def run_fields(model) -> dict:
+    """``{"device": "cuda:0", "dtype": "bfloat16"}`` of a loaded model, for result rows."""
+    parameter = next(model.parameters())
+    return {"device": str(parameter.device), "dtype": str(parameter.dtype).removeprefix("torch.")}

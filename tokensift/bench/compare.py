@@ -30,8 +30,13 @@ def kvpress_cell(task: str, length: int, press: str, budget: int) -> str:
 
 
 def compare_kvpress(out: Path, tasks: list[str], length: int, samples: int, seed: int, budgets: list[int],
-                    presses: list[str], threads: int = 2, model: str | None = None) -> None:
-    """Run the presses at the budgets' keep ratios and merge the rows into ``out``."""
+                    presses: list[str], threads: int = 2, model: str | None = None, device: str | None = None,
+                    dtype: str | None = None) -> None:
+    """Run the presses at the budgets' keep ratios and merge the rows into ``out`` (the kvpress
+    worker runs the model on ``device`` in ``dtype``; rows record both)."""
+    from tokensift.devices import resolve_device, resolve_dtype
+
+    device, dtype = str(resolve_device(device)), str(resolve_dtype(dtype)).removeprefix("torch.")
     kvpress_compare.make_runs(presses, [0.5])  # unknown presses: a one-line error before anything is written
     if samples < 1:
         raise TokensiftError(f"--samples must be at least 1, got {samples}")
@@ -51,13 +56,14 @@ def compare_kvpress(out: Path, tasks: list[str], length: int, samples: int, seed
     write_jsonl(instances, instances_path)
     todo_presses = sorted({p for p, _ in todo})
     rows = kvpress_compare.run(instances_path, todo_presses, [keep_of[b] for b in budgets], out / f"kvpress_rows_{length}.jsonl",
-                                threads=threads, model=model)
+                                threads=threads, model=model, device=device, dtype=dtype)
     budget_of = {round(keep, 9): budget for budget, keep in keep_of.items()}
     for (task, press, budget), group in group_rows(rows, budget_of).items():
         cell = kvpress_cell(task, length, press, budget)
         if cell not in results.done and (press, budget) in todo:
             row = kvpress_result_row(cell, task, length, press, budget, keep_of[budget], seed, group, threads)
-            results.write(row | {"model": model or "smollm2", "kvpress_layers": kvpress_layers(model)})
+            results.write(row | {"model": model or "smollm2", "kvpress_layers": kvpress_layers(model),
+                                 "device": device, "dtype": dtype})
     write_report(out)
 
 

@@ -177,7 +177,8 @@ def model_files(model: str | None) -> tuple[Path, Path | None]:
 
 
 def write_job(instances_path: Path, runs: list[dict], rows_path: Path, job_path: Path, threads: int,
-              separate: bool = False, done: list[str] | None = None, model: str | None = None) -> Path:
+              separate: bool = False, done: list[str] | None = None, model: str | None = None,
+              device: str = "cpu", dtype: str = "float32") -> Path:
     """The json the worker reads (``done``: ``key|press|keep_ratio`` pairs it skips)."""
     gguf, tokenizer_dir = model_files(model)
     job = {
@@ -186,6 +187,8 @@ def write_job(instances_path: Path, runs: list[dict], rows_path: Path, job_path:
         "gguf": str(gguf),
         "tokenizer": str(tokenizer_dir) if tokenizer_dir else None,
         "threads": threads,
+        "device": device,
+        "dtype": dtype,
         "runs": runs,
         "separate": separate,
         "done": done or [],
@@ -225,6 +228,8 @@ def run(
     timeout_s: float | None = None,
     separate: bool = False,
     model: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> list[dict]:
     """Run kvpress ``presses`` at each kept fraction in ``ratios`` on the instances; score rows.
 
@@ -232,6 +237,7 @@ def run(
     returns them. Presses that fail on this model or machine come back with ``status: error``.
     The worker's raw rows go to ``out_jsonl`` + ``.raw`` as they come; a rerun skips them.
     ``separate``: one prefill per press through kvpress's own hook instead of a shared prefill.
+    ``device``/``dtype``: where and in what the worker runs the model (resolved names: "cuda:0", "bfloat16").
     """
     instances_path = Path(instances_path)
     instances = {i.key: i for i in read_jsonl(instances_path)}
@@ -244,7 +250,7 @@ def run(
         python = ensure_kvpress_venv(venv)
         with tempfile.TemporaryDirectory(prefix="tokensift-kvpress-") as tmp:
             job = write_job(instances_path.resolve(), runs, raw_path.resolve(), Path(tmp) / "job.json", threads, separate, done,
-                            model)
+                            model, device, dtype)
             _run_worker(python, job, timeout_s)
     latest = {pair_key(row["key"], row): row for row in read_rows(raw_path)}
     rows = [score_row(latest[pair], instances[pair.split("|")[0]]) for pair in sorted(wanted) if pair in latest]

@@ -4,7 +4,7 @@ This file runs inside the kvpress virtualenv (old transformers pinned by kvpress
 import tokensift. It reads a job json::
 
     {"instances": "tasks.jsonl", "out": "rows.jsonl", "gguf": "/path/model.gguf",
-     "tokenizer": "/optional/tokenizer/dir", "threads": 2,
+     "tokenizer": "/optional/tokenizer/dir", "threads": 2, "device": "cpu", "dtype": "float32",
      "runs": [{"press": "snapkv", "keep_ratio": 0.125, "compression_ratio": 0.875}, ...]}
 
 and writes one jsonl row per (instance, run). Protocol (query-agnostic, as kvpress's pipeline
@@ -37,6 +37,13 @@ import torch
 NEEDS_EAGER = {"observed_attention"}
 
 
+def clock(device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done (CUDA runs asynchronously)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def press_factories() -> dict:
     """Press name -> function(compression_ratio) building the kvpress press."""
     import kvpress as kp
@@ -57,13 +64,13 @@ def press_factories() -> dict:
     }
 
 
-def load_model(gguf: Path, tokenizer_dir: str | None):
-    """The model (fp32, CPU, SDPA) and tokenizer, read from the GGUF file."""
+def load_model(gguf: Path, tokenizer_dir: str | None, device: str = "cpu", dtype: str = "float32"):
+    """The model (SDPA; fp32 on the CPU unless the job says otherwise) and tokenizer, read from the GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=torch.float32, attn_implementation="sdpa"
-    ).eval()
+        gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype), attn_implementation="sdpa"
+    ).to(device).eval()
     if tokenizer_dir:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
@@ -76,7 +83,7 @@ def prefill(model, press, context_ids: list[int]):
     from transformers import DynamicCache
 
     cache = DynamicCache()
-    ids = torch.tensor([context_ids])
+    ids = torch.tensor([context_ids], device=model.device)
     if press is None:
         model.model(input_ids=ids, past_key_values=cache)
     else:
@@ -123,9 +130,9 @@ def compress_in_one_prefill(model, presses: list, context_ids: list[int]) -> tup
         layer.self_attn.rotary_emb = language_model.rotary_emb  # what a press's context manager sets
         hooks.append(layer.self_attn.register_forward_hook(hook, with_kwargs=True))
     try:
-        start = time.perf_counter()
-        model.model(input_ids=torch.tensor([context_ids]), past_key_values=DynamicCache())
-        seconds = time.perf_counter() - start
+        start = clock(model.device)
+        model.model(input_ids=torch.tensor([context_ids], device=model.device), past_key_values=DynamicCache())
+        seconds = clock(model.device) - start
     finally:
         for handle in hooks:
             handle.remove()
@@ -134,7 +141,7 @@ def compress_in_one_prefill(model, presses: list, context_ids: list[int]) -> tup
 
 def compress_layer(module, press, result: Compressed, kwargs: dict, keys, values, output) -> None:
     """One press on one layer, into its own cache; a failure is kept, not raised."""
-    start = time.perf_counter()
+    start = clock(keys.device)
     try:
         if press is not None:
             keys, values = press.compress(module, kwargs["hidden_states"], keys, values, output[1], kwargs)
@@ -144,18 +151,18 @@ def compress_layer(module, press, result: Compressed, kwargs: dict, keys, values
         result.error = one_line(error)
         result.trace = trace_tail()
     module.masked_key_indices = None
-    result.compress_s += time.perf_counter() - start
+    result.compress_s += clock(keys.device) - start
 
 
 def prefill_with_own_hook(model, press, context_ids: list[int]) -> tuple[list[Compressed], float]:
     """kvpress's own way, one prefill for one press (to check the shared prefill against)."""
-    start = time.perf_counter()
+    start = clock(model.device)
     try:
         cache = prefill(model, press, context_ids)
     except Exception as error:
         return [Compressed(None, error=one_line(error), trace=trace_tail())], 0.0
     masks = {i: getattr(layer.self_attn, "masked_key_indices", None) for i, layer in enumerate(model.model.layers)}
-    return [Compressed(cache, masks)], time.perf_counter() - start
+    return [Compressed(cache, masks)], clock(model.device) - start
 
 
 def use_masks(model, masks: dict) -> None:
@@ -179,14 +186,15 @@ def kept_tokens(model, cache) -> tuple[float, float]:
 
 def greedy_after_suffix(model, cache, context_len: int, suffix_ids: list[int], max_new: int, stop_ids):
     """Feed the suffix at its true positions, then greedy-decode over the compressed cache."""
-    positions = torch.arange(context_len, context_len + len(suffix_ids)).unsqueeze(0)
-    out = model(input_ids=torch.tensor([suffix_ids]), past_key_values=cache, position_ids=positions,
+    device = model.device
+    positions = torch.arange(context_len, context_len + len(suffix_ids), device=device).unsqueeze(0)
+    out = model(input_ids=torch.tensor([suffix_ids], device=device), past_key_values=cache, position_ids=positions,
                 logits_to_keep=1)
     generated = [int(out.logits[0, -1].argmax())]
     next_position = context_len + len(suffix_ids)
     while len(generated) < max_new and generated[-1] not in stop_ids:
-        out = model(input_ids=torch.tensor([[generated[-1]]]), past_key_values=cache,
-                    position_ids=torch.tensor([[next_position]]))
+        out = model(input_ids=torch.tensor([[generated[-1]]], device=device), past_key_values=cache,
+                    position_ids=torch.tensor([[next_position]], device=device))
         generated.append(int(out.logits[0, -1].argmax()))
         next_position += 1
     return generated
@@ -198,10 +206,11 @@ def suffix_nll(model, cache, context_len: int, suffix_ids: list[int]) -> list[fl
     The first suffix token is predicted by the prefill's last position, which runs without the
     lm head here, so it is left out.
     """
-    positions = torch.arange(context_len, context_len + len(suffix_ids)).unsqueeze(0)
-    out = model(input_ids=torch.tensor([suffix_ids]), past_key_values=cache, position_ids=positions)
+    device = model.device
+    positions = torch.arange(context_len, context_len + len(suffix_ids), device=device).unsqueeze(0)
+    out = model(input_ids=torch.tensor([suffix_ids], device=device), past_key_values=cache, position_ids=positions)
     log_probs = torch.log_softmax(out.logits[0, :-1].float(), dim=-1)
-    targets = torch.tensor(suffix_ids[1:])
+    targets = torch.tensor(suffix_ids[1:], device=device)
     return (-log_probs.gather(1, targets.unsqueeze(1)).squeeze(1)).tolist()
 
 
@@ -277,10 +286,10 @@ def finish_run(model, tokenizer, instance, run, result: Compressed, prefill_s: f
     try:
         use_masks(model, result.masks)
         stored, effective = kept_tokens(model, result.cache)
-        start = time.perf_counter()
+        start = clock(model.device)
         with torch.no_grad():
             row.update(decode_or_score(model, tokenizer, result.cache, instance))
-        row["decode_s"] = round(time.perf_counter() - start, 3)
+        row["decode_s"] = round(clock(model.device) - start, 3)
     except Exception as error:
         return error_row(row, one_line(error), trace_tail())
     finally:
@@ -330,9 +339,10 @@ def main(job_path: str) -> int:
     torch.set_num_threads(int(job.get("threads", 2)))
     instances = [json.loads(line) for line in Path(job["instances"]).read_text().splitlines() if line.strip()]
     started = time.perf_counter()
-    model, tokenizer = load_model(Path(job["gguf"]), job.get("tokenizer"))
+    model, tokenizer = load_model(Path(job["gguf"]), job.get("tokenizer"), job.get("device", "cpu"), job.get("dtype", "float32"))
     factories = press_factories()
-    stamp = {**versions(), "load_s": round(time.perf_counter() - started, 1)}
+    stamp = {**versions(), "load_s": round(time.perf_counter() - started, 1),
+             "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
     print(json.dumps({"event": "loaded", **stamp}), flush=True)
     with open(job["out"], "a") as out:
         done = set(job.get("done", []))

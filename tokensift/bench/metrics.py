@@ -81,24 +81,35 @@ def measure_cost(model, tokenizer, context_ids: list[int], policy) -> dict:
     import gc
 
     from tokensift.cache import make_cache
+    from tokensift.devices import clock, model_device
     from tokensift.generate import Decoder
 
+    device = model_device(model)
     gc.collect()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     baseline = psutil.Process().memory_info().rss
     with PeakRSS() as memory:
         cache = make_cache(model, policy)
         decoder = Decoder(model, cache)
-        ids = torch.tensor([context_ids])
-        start = time.perf_counter()
+        ids = torch.tensor([context_ids], dtype=torch.long, device=device)
+        start = clock(device)
         logits = decoder.forward(ids, torch.ones_like(ids))
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
+        prefill = clock(device) - start
+        start = clock(device)
         for _ in range(COST_DECODE_TOKENS):
-            logits = decoder.forward(logits.argmax(-1)[:, None], torch.ones(1, 1, dtype=torch.long))
-        decode = time.perf_counter() - start
+            logits = decoder.forward(logits.argmax(-1)[:, None], torch.ones(1, 1, dtype=torch.long, device=device))
+        decode = clock(device) - start
     return {
         "prefill_seconds": prefill, "decode_seconds": decode,
         "tokens_per_second": COST_DECODE_TOKENS / decode, **kv_figures(cache),
         "peak_rss_bytes": memory.peak, "peak_rss_increase_bytes": memory.peak - baseline,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), **device_memory(device),
     }
+
+
+def device_memory(device: torch.device) -> dict:
+    """Peak memory allocated on an accelerator since the last reset (nothing on the CPU: RSS covers it)."""
+    if device.type != "cuda":
+        return {}
+    return {"peak_device_bytes": torch.cuda.max_memory_allocated(device)}

@@ -52,7 +52,7 @@ def replay(model, policy, recording: Recording) -> SelectingCache:
     cache = make_cache(model, policy)
     cache.shared["input_ids"] = recording.input_ids
     batch, length = recording.input_ids.shape
-    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid = torch.ones(batch, length, dtype=torch.bool, device=recording.input_ids.device)
     for index, layer in enumerate(cache.layers):
         keys, values = recording.keys[index], recording.values[index]
         returned, _ = layer.update(keys, values)
@@ -102,7 +102,7 @@ def _merge_selecting(target: SelectingLayer, sources: list[SelectingLayer]) -> N
             missing = longest - tensor.shape[2]
             if missing:
                 pad_shape = (*tensor.shape[:2], missing, *tensor.shape[3:])
-                tensor = torch.cat([tensor, torch.full(pad_shape, fill, dtype=tensor.dtype)], dim=2)
+                tensor = torch.cat([tensor, torch.full(pad_shape, fill, dtype=tensor.dtype, device=tensor.device)], dim=2)
             parts.append(tensor)
         return torch.cat(parts)
 

@@ -19,7 +19,7 @@ import platform
 import queue
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from tokensift.bench import metrics
 from tokensift.bench.replay import merge_caches, record_prefill, replay
 from tokensift.bench.tasks import QUERY_AGNOSTIC, RETRIEVAL_TASKS, RULER_TASKS, build_instances, get_task
 from tokensift.cache import SelectingLayer
+from tokensift.devices import clock, model_device, resolve_device, resolve_dtype, run_fields
 from tokensift.errors import TokensiftError
 from tokensift.generate import Decoder, left_pad
 from tokensift.kernels import packed_linears
@@ -64,6 +65,8 @@ class BenchConfig:
     lm_budgets: list[int] = field(default_factory=list)  # ppl/fidelity budgets (default: ``budgets``)
     model: str | None = None
     kernels: str = "packed"  # linear layers on prepacked oneDNN weights ("stock": PyTorch's default path)
+    device: str | None = None  # where the model runs (None: the CPU); see tokensift.devices
+    dtype: str | None = None  # the model's weights (None: float32, the exact reference)
     length_samples: list[list[int]] = field(default_factory=list)  # [[length, samples], ...]: fewer prompts at some lengths
     full_gate: float | None = None  # run a task's policies only where the full cache scores at least this
 
@@ -238,6 +241,8 @@ def environment(config: BenchConfig) -> dict:
         "suite": config.suite,
         "kernels": config.kernels,
         "model": model_name(config.model),
+        "device": str(resolve_device(config.device)),
+        "dtype": str(resolve_dtype(config.dtype)).removeprefix("torch."),
     }
 
 
@@ -279,8 +284,9 @@ def greedy_tokens(model, cache, suffixes: list[list[int]], max_new_tokens: int, 
     """
     rows = len(suffixes)
     decoder = Decoder(model, cache)
-    decoder.mask = torch.ones(rows, cache.get_seq_length(), dtype=torch.long)
-    logits = decoder.forward(*left_pad(suffixes, pad_id=0))
+    device = model_device(model)
+    decoder.mask = torch.ones(rows, cache.get_seq_length(), dtype=torch.long, device=device)
+    logits = decoder.forward(*left_pad(suffixes, pad_id=0, device=device))
     out: list[list[int]] = [[] for _ in range(rows)]
     for step in range(max_new_tokens):
         next_ids = logits.argmax(-1)
@@ -288,7 +294,7 @@ def greedy_tokens(model, cache, suffixes: list[list[int]], max_new_tokens: int, 
             tokens.append(token)
         if step + 1 == max_new_tokens or (settled is not None and all(settled(r, t) for r, t in enumerate(out))):
             break
-        logits = decoder.forward(next_ids[:, None], torch.ones(rows, 1, dtype=torch.long))
+        logits = decoder.forward(next_ids[:, None], torch.ones(rows, 1, dtype=torch.long, device=device))
     return out
 
 
@@ -342,12 +348,12 @@ def run_retrieval(model, tokenizer, config, results, task, protocol, length, set
     instances = build_instances(task, tokenizer, length, config.samples_at(length), config.seed, protocol)
     scores = {s: [] for s in pending}
     kv = {s: [] for s in pending}
-    started = time.perf_counter()
+    started = clock(model_device(model))
     for first in range(0, len(instances), PROMPT_BATCH):
         batch = instances[first:first + PROMPT_BATCH]
         recording = None if recordings is None else recordings.get(first)
         if recording is None:
-            recording = record_prefill(model, torch.tensor([instance.context_ids for instance in batch]))
+            recording = record_prefill(model, token_ids(model, [instance.context_ids for instance in batch]))
             if recordings is not None:
                 recordings[first] = recording
         policies = {s: s.build() for s in pending}
@@ -367,10 +373,15 @@ def run_retrieval(model, tokenizer, config, results, task, protocol, length, set
             scores[s] += answer_scores(model, tokenizer, cache, batch)
             progress(len(batch))
         del recording
-    elapsed = time.perf_counter() - started
+    elapsed = clock(model_device(model)) - started
     for s in pending:
         extra = metrics.kv_summary(kv[s]) | {"wall_seconds_group": elapsed}
         results.write(make_row(task, protocol, length, s, config, scores[s], extra))
+
+
+def token_ids(model, ids: list) -> torch.Tensor:
+    """Token ids (a list, or a list of equal-length lists) as a long tensor on the model's device."""
+    return torch.tensor(ids, dtype=torch.long, device=model_device(model))
 
 
 def decode_chunk(policy) -> int:
@@ -383,10 +394,10 @@ def decode_chunk(policy) -> int:
 def teacher_forced_logits(model, cache, tokens: list[int], chunk: int) -> torch.Tensor:
     """Feed ``tokens`` in chunks of ``chunk`` (policy active after each); logits ``[n, vocab]``."""
     seen = cache.get_seq_length()
-    mask = torch.ones(1, seen, dtype=torch.long)
+    mask = torch.ones(1, seen, dtype=torch.long, device=model_device(model))
     outputs = []
     for start in range(0, len(tokens), chunk):
-        ids = torch.tensor([tokens[start:start + chunk]])
+        ids = token_ids(model, [tokens[start:start + chunk]])
         mask = torch.cat([mask, torch.ones_like(ids)], 1)
         out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
         outputs.append(out.logits[0].float())
@@ -400,7 +411,7 @@ def run_ppl(model, tokenizer, config, results, settings, progress) -> None:
     if not pending:
         return
     instances = build_instances("ppl", tokenizer, length, config.ppl_samples, config.seed)
-    recordings = [record_prefill(model, torch.tensor([instance.context_ids])) for instance in instances]
+    recordings = [record_prefill(model, token_ids(model, [instance.context_ids])) for instance in instances]
     for s in pending:
         nll, kv = [], []
         for instance, recording in zip(instances, recordings):
@@ -408,7 +419,7 @@ def run_ppl(model, tokenizer, config, results, settings, progress) -> None:
             cache = replay(model, policy, recording)
             logits = teacher_forced_logits(model, cache, instance.suffix_ids[:-1], decode_chunk(policy))
             logits = torch.cat([recording.logits, logits])
-            nll.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(instance.suffix_ids))))
+            nll.append(float(torch.nn.functional.cross_entropy(logits, token_ids(model, instance.suffix_ids))))
             kv.append(metrics.kv_figures(cache))
             progress(1)
         mean_nll = sum(nll) / len(nll)
@@ -424,7 +435,7 @@ def run_fidelity(model, tokenizer, config, results, length, settings, progress) 
     match = {s: [] for s in pending}
     kl = {s: [] for s in pending}
     for instance in instances:
-        recording = record_prefill(model, torch.tensor([instance.context_ids]))
+        recording = record_prefill(model, token_ids(model, [instance.context_ids]))
         full_cache = replay(model, build_policy("full"), recording)
         reference_tokens = greedy_tokens(model, full_cache, [instance.suffix_ids], instance.max_new_tokens)[0]
         fed = instance.suffix_ids + reference_tokens[:-1]
@@ -543,7 +554,7 @@ def worker_main(fields: dict, out: str, todo, reports, threads: int) -> None:
     torch.set_num_threads(threads)
     try:
         config = BenchConfig(**fields)
-        model, tokenizer = load_model(config.model)
+        model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
         results, settings = Results(Path(out) / "results.jsonl", repair=False), settings_for(config)
         with chosen_kernels(model, config):
             for job in iter(todo.get, None):
@@ -607,11 +618,14 @@ def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, worker
         raise TokensiftError(f"--workers must be at least 1, got {workers}")
     if config.kernels not in KERNELS:
         raise TokensiftError(f"unknown kernels '{config.kernels}'; use one of: {', '.join(KERNELS)}")
-    check_config(config)  # before anything is written
+    resolve_device(config.device), resolve_dtype(config.dtype)  # one-line errors before anything is written
+    check_config(config)
     if ray is not None:
         from tokensift.ray_cluster import require_ray
 
         require_ray("tokensift bench --ray")
+    if model is not None:  # rows record where the given model really runs
+        config = replace(config, **run_fields(model))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=1))
     results = Results(out / "results.jsonl")
@@ -642,7 +656,7 @@ def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, worker
             results = Results(out / "results.jsonl")
             jobs = []
         if model is None and (jobs or cost_units(config, settings)):
-            model, tokenizer = load_model(config.model)
+            model, tokenizer = load_model(config.model, device=config.device, dtype=config.dtype)
         with chosen_kernels(model, config):
             for job in jobs:
                 bar.update(handle, description=job.label)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from tokensift.bench import metrics
 from tokensift.bench.report import fmt, markdown_table
+from tokensift.devices import clock, model_device, run_fields
 from tokensift.errors import TokensiftError
 from tokensift.policies import build_policy
 from tokensift.sparse import read_stats
@@ -40,11 +40,11 @@ def policy_for(expression: str, length: int):
         return build_policy(expression, k=length // READ_FRACTION)
 
 
-def prompt(tokenizer, length: int) -> torch.Tensor:
+def prompt(tokenizer, length: int, device=None) -> torch.Tensor:
     from tokensift.bench.tasks.essays import essay_stream
 
     ids = essay_stream(tokenizer).ids[:length]
-    return torch.tensor([ids])
+    return torch.tensor([ids], dtype=torch.long, device=device)
 
 
 @torch.inference_mode()
@@ -52,17 +52,18 @@ def decode_round_robin(model, caches: dict, first: torch.Tensor, length: int, st
     """``steps`` greedy steps of every cache, one step of each in turn; seconds per step."""
     from tokensift.generate import Decoder
 
+    device = model_device(model)
     decoders = {}
     for name, cache in caches.items():
         decoders[name] = Decoder(model, cache)
-        decoders[name].mask = torch.ones(1, length, dtype=torch.long)
+        decoders[name].mask = torch.ones(1, length, dtype=torch.long, device=device)
     tokens = {name: first for name in caches}
     times: dict[str, list[float]] = {name: [] for name in caches}
     for _ in range(steps):
         for name, decoder in decoders.items():
-            start = time.perf_counter()
-            logits = decoder.forward(tokens[name][:, None], torch.ones(1, 1, dtype=torch.long))
-            times[name].append(time.perf_counter() - start)
+            start = clock(device)
+            logits = decoder.forward(tokens[name][:, None], torch.ones(1, 1, dtype=torch.long, device=device))
+            times[name].append(clock(device) - start)
             tokens[name] = logits.argmax(-1)
     return times
 
@@ -70,9 +71,10 @@ def decode_round_robin(model, caches: dict, first: torch.Tensor, length: int, st
 def length_rows(model, tokenizer, length: int, expressions: list[str], steps: int) -> list[dict]:
     from tokensift.bench.replay import record_prefill, replay
 
-    start = time.perf_counter()
-    recording = record_prefill(model, prompt(tokenizer, length))
-    prefill = time.perf_counter() - start
+    device = model_device(model)
+    start = clock(device)
+    recording = record_prefill(model, prompt(tokenizer, length, device))
+    prefill = clock(device) - start
     policies = {expression: policy_for(expression, length) for expression in expressions}
     caches = {name: replay(model, policy, recording) for name, policy in policies.items()}
     memory = {name: metrics.kv_figures(cache) for name, cache in caches.items()}  # after compression, before decoding
@@ -88,7 +90,7 @@ def length_rows(model, tokenizer, length: int, expressions: list[str], steps: in
             "length": length, "policy": name, "label": policy.describe(), "params": policy.params(),
             "step_seconds": step, "tokens_per_second": 1 / step, "speed_vs_full": full_step / step if full_step else None,
             "fetched_rows_per_layer_step": fetched, "prefill_seconds_full": prefill, "load": load,
-            "threads": torch.get_num_threads(), **memory[name],
+            "threads": torch.get_num_threads(), **run_fields(model), **memory[name],
             "kv_fraction_bf16": memory[name]["kv_bytes_bf16"] / memory[name]["kv_bytes_full_bf16"],
             "kv_fraction": memory[name]["kv_bytes"] / memory[name]["kv_bytes_full"],
         })
@@ -109,7 +111,8 @@ def write_report(rows: list[dict], out: Path, model: str) -> None:
 
 
 def run_small_cache(out: Path, *, model: str | None = None, lengths: list[int] | None = None,
-                    policies: list[str] | None = None, steps: int = 24) -> None:
+                    policies: list[str] | None = None, steps: int = 24, device: str | None = None,
+                    dtype: str | None = None) -> None:
     """Run the suite and write ``results.jsonl`` and ``report.md`` into ``out``."""
     from tokensift.kernels import packed_linears
     from tokensift.models import load_model
@@ -121,7 +124,7 @@ def run_small_cache(out: Path, *, model: str | None = None, lengths: list[int] |
         expressions.insert(0, "full")
     for expression in expressions:  # bad input fails before the model loads
         policy_for(expression, 8192)
-    loaded, tokenizer = load_model(model)
+    loaded, tokenizer = load_model(model, device=device, dtype=dtype)
     rows = []
     with packed_linears(loaded):
         for length in lengths or DEFAULT_LENGTHS:

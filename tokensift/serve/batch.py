@@ -44,10 +44,10 @@ def row_lengths(cache: SelectingCache) -> list[int]:
     return [int(n) for n in cache.selecting_layers[0].valid_seen]
 
 
-def padding_mask(lengths: list[int]) -> torch.Tensor:
+def padding_mask(lengths: list[int], device=None) -> torch.Tensor:
     """The ``[batch, max(lengths)]`` attention mask of right-aligned rows."""
     longest = max(lengths)
-    mask = torch.zeros(len(lengths), longest, dtype=torch.long)
+    mask = torch.zeros(len(lengths), longest, dtype=torch.long, device=device)
     for row, length in enumerate(lengths):
         mask[row, longest - length:] = 1
     return mask

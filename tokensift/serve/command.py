@@ -23,6 +23,8 @@ def serve(
     max_queue: int = typer.Option(128, "--max-queue", help="Requests allowed to wait; past it: HTTP 429."),
     max_groups: int = typer.Option(2, "--max-groups", help="Batches (one per policy) decoding at once."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads."),
+    device: str = typer.Option("cpu", "--device", help="cpu (default), cuda, cuda:N, mps or auto."),
+    dtype: str = typer.Option("float32", "--dtype", help="float32 (default, the exact reference), bfloat16 or float16."),
     kernels: str = typer.Option("packed", "--kernels", help="packed (prepacked oneDNN linears) | stock."),
     name: Optional[str] = typer.Option(None, "--served-name", help="Model name in /v1/models (default: --model or smollm2)."),
     replicas: Optional[int] = typer.Option(None, "--replicas", help="Model replicas behind one endpoint on Ray Serve (the ray extra)."),
@@ -31,6 +33,7 @@ def serve(
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a policy per request."""
     from tokensift.cli import parse_settings
+    from tokensift.devices import resolve_device, resolve_dtype
     from tokensift.policies import build_policy
     from tokensift.serve.protocol import ApiError, ServerDefaults, speculate_choice
 
@@ -38,6 +41,7 @@ def serve(
         raise TokensiftError(f"--kernels must be packed or stock (got '{kernels}')")
     if max_batch < 1 or max_queue < 0 or max_groups < 1:
         raise TokensiftError("--max-batch and --max-groups must be >= 1, --max-queue >= 0")
+    resolve_device(device), resolve_dtype(dtype)  # one-line errors before the model loads
     params = parse_settings(settings)
     build_policy(policy, budget=budget, ratio=ratio, **params)  # fail now, not on the first request
     try:
@@ -52,14 +56,15 @@ def serve(
         run_replicas(model, host, port, defaults, replicas=1 if replicas is None else replicas, address=ray_address,
                      replica_cpus=replica_cpus, threads=threads, served_name=name,
                      app_options={"max_batch": max_batch, "max_queue": max_queue, "packed": kernels == "packed",
-                                  "max_groups": max_groups})
+                                  "max_groups": max_groups},
+                     load_options={"device": device, "dtype": dtype})
         return
     run_server(model, host, port, defaults, max_batch=max_batch, max_queue=max_queue, threads=threads,
-               packed=kernels == "packed", served_name=name, max_groups=max_groups)
+               packed=kernels == "packed", served_name=name, max_groups=max_groups, device=device, dtype=dtype)
 
 
 def run_server(model_name, host, port, defaults, *, max_batch=8, max_queue=128, threads=None, packed=True,
-               served_name=None, log_level="info", max_groups=2) -> None:
+               served_name=None, log_level="info", max_groups=2, device=None, dtype=None) -> None:
     """Load the model and block serving it."""
     try:
         import uvicorn
@@ -69,7 +74,7 @@ def run_server(model_name, host, port, defaults, *, max_batch=8, max_queue=128, 
         raise TokensiftError(f"tokensift serve needs the serve extra ({error.name} is missing): "
                              "pip install -r requirements-serve.txt") from None
     from tokensift.models import load_model
-    model, tokenizer = load_model(model_name, threads=threads)
+    model, tokenizer = load_model(model_name, threads=threads, device=device, dtype=dtype)
     app = create_app(model, tokenizer, served_name or model_name or "smollm2", defaults,
                      max_batch=max_batch, max_queue=max_queue, packed=packed, max_groups=max_groups)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

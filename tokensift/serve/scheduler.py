@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tokensift.cache import SelectingCache, SelectingLayer, make_cache
+from tokensift.devices import model_device
 from tokensift.generate import choose_next, left_pad
 from tokensift.kernels import packed_linears
 from tokensift.serve.batch import batch_independent, mergeable, padding_mask, repack, row_lengths
@@ -162,6 +163,7 @@ class Scheduler:
     def __init__(self, model, tokenizer, metrics, max_batch: int = 8, max_queue: int = 128, packed: bool = True,
                  max_groups: int = 2, patience: float = 10.0):
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
+        self.device = model_device(model)
         self.max_batch, self.max_queue, self.packed = max_batch, max_queue, packed
         self.max_groups, self.patience = max_groups, patience
         self.waiting: collections.deque[Request] = collections.deque()
@@ -284,13 +286,13 @@ class Scheduler:
         sequences = [seq for request in cohort for seq in request.sequences]
         policy = cohort[0].job.policy
         cache = make_cache(self.model, policy)
-        ids, mask = left_pad([seq.request.job.prompt_ids for seq in sequences], self.pad_id)
+        ids, mask = left_pad([seq.request.job.prompt_ids for seq in sequences], self.pad_id, self.device)
         with self.lock:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                              past_key_values=cache, use_cache=True, logits_to_keep=1)
         for request in cohort:
             self.metrics.prompt_tokens(len(request.job.prompt_ids) * request.job.n)
-        logits = out.logits[:, -1].float()
+        logits = out.logits[:, -1].float().cpu()  # sampled on the host with each sequence's seeded generator
         for row, seq in enumerate(sequences):
             job = seq.request.job
             seq.push(int(choose_next(logits[row:row + 1], job.temperature, job.top_p, seq.generator)[0]), self.eos)
@@ -301,7 +303,7 @@ class Scheduler:
             target.cache = repack(self.model, target.policy, self._row_refs(target.cache, len(target.rows))
                                   + self._row_refs(cache, len(sequences)))
             target.rows += sequences
-            target.mask = padding_mask(row_lengths(target.cache))
+            target.mask = padding_mask(row_lengths(target.cache), self.device)
             group = target
         else:
             self.groups.append(group)
@@ -318,13 +320,14 @@ class Scheduler:
         if len(rows) > 1:
             for seq in rows:
                 seq.request.batched = True
-        ids = torch.tensor([[seq.tokens[-1] if not seq.done else self.pad_id] for seq in rows], dtype=torch.long)
-        group.mask = torch.cat([group.mask, torch.ones(len(rows), 1, dtype=torch.long)], dim=1)
+        ids = torch.tensor([[seq.tokens[-1] if not seq.done else self.pad_id] for seq in rows], dtype=torch.long,
+                           device=self.device)
+        group.mask = torch.cat([group.mask, torch.ones(len(rows), 1, dtype=torch.long, device=self.device)], dim=1)
         positions = (group.mask.cumsum(1) - 1)[:, -1:]
         with self.lock:
             out = self.model(input_ids=ids, attention_mask=group.mask, position_ids=positions,
                              past_key_values=group.cache, use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1].float()
+        logits = out.logits[:, -1].float().cpu()  # sampled on the host with each sequence's seeded generator
         for row, seq in enumerate(rows):
             if not seq.done:
                 job = seq.request.job
@@ -346,7 +349,7 @@ class Scheduler:
         if len(live) < len(group.rows) and group.joinable and mergeable(group.cache):
             group.cache = repack(self.model, group.policy, [(group.cache, row) for row in live])
             group.rows = [group.rows[row] for row in live]
-            group.mask = padding_mask(row_lengths(group.cache))
+            group.mask = padding_mask(row_lengths(group.cache), self.device)
 
     # ---------------------------------------------------------- speculative worker
     def _run_speculative(self) -> None:

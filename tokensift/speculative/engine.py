@@ -2,11 +2,13 @@
 matching path, roll the cache back to it.
 
 Lossless by construction: at every accepted position the token is the model's own choice
-(greedy argmax, or a sample from its temperature/top-p distribution) computed from the hidden
-state of the tree node whose ancestors are exactly the accepted prefix; drafts only decide how
-many of those choices one forward yields. The output layer is applied lazily, row by row, to
-the nodes the walk actually visits (the accepted path + 1), so rejected nodes cost only their
-share of the transformer body.
+(greedy argmax, or a sample from its temperature/top-k/top-p distribution, after the repetition
+penalty over the prompt and the tokens accepted before it) computed from the hidden state of the
+tree node whose ancestors are exactly the accepted prefix; drafts only decide how many of those
+choices one forward yields. Stop strings and end-of-sequence ids cut a step's accepted tokens
+after the token that completes them, as plain decoding would have stopped there. The output
+layer is applied lazily, row by row, to the nodes the walk actually visits (the accepted path
++ 1), so rejected nodes cost only their share of the transformer body.
 """
 
 from __future__ import annotations
@@ -19,7 +21,10 @@ import torch
 from tokensift.cache import SelectingCache, SelectingLayer, make_cache
 from tokensift.devices import clock, model_device
 from tokensift.errors import TokensiftError
-from tokensift.generate import choose_next, encode, model_context_length, resolve_policy
+from tokensift.generate import (
+    Sampling, choose_next, encode, hits_stop_string, model_context_length, penalize_repeats, resolve_policy,
+    sampling_from_config, seen_tokens, stream_prompt,
+)
 from tokensift.kernels import packed_linears
 from tokensift.prefill import build_prefill
 from tokensift.speculative.adaptive import AcceptanceStats, PromptCalibration, choose_size
@@ -143,8 +148,12 @@ class Speculator:
 
     # -------------------------------------------------------------- verification
     def verify(self, tree: DraftTree, cache: SelectingCache, temperature: float, top_p: float,
-               generator: torch.Generator) -> tuple[list[int], int]:
-        """One forward over the tree; returns (accepted node indices incl. the root, next token)."""
+               generator: torch.Generator, top_k: int = 0, history: torch.Tensor | None = None,
+               penalty: float = 1.0) -> tuple[list[int], int]:
+        """One forward over the tree; returns (accepted node indices incl. the root, next token).
+
+        ``history`` (``[1, vocab]`` bool, the tokens so far; with ``penalty`` != 1): each node's logits get
+        the repetition penalty of exactly its prefix; every token chosen is marked in it."""
         q = len(tree)
         seen = cache.get_seq_length()
         device = model_device(self.model)
@@ -160,7 +169,11 @@ class Speculator:
             logits = self.logits(hidden[:, node:node + 1])[:, 0].float() if every_row is None else every_row[node:node + 1]
             for drafter in self.drafters:
                 drafter.observe(tree.tokens[node], logits[0])
-            token = int(choose_next(logits, temperature, top_p, generator)[0])
+            if history is not None:
+                logits = penalize_repeats(logits, history, penalty)
+            token = int(choose_next(logits, temperature, top_p, generator, top_k)[0])
+            if history is not None:
+                history[0, token] = True
             children = tree.children(node)
             child = children.get(token)
             for other in children.values():
@@ -186,10 +199,17 @@ class Speculator:
             return self._generate(tokenizer, prompt, **options)
 
     def _generate(self, tokenizer, prompt, *, policy=None, max_new_tokens: int = 64, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int = 0, stop_at_eos: bool = True,
+                  top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0, stop_strings=(),
+                  generation_config=None, streamer=None, seed: int = 0, stop_at_eos: bool = True,
                   on_token: Callable[[int], None] | None = None, cache: SelectingCache | None = None,
                   prefill_chunk: int | None = None, prefill=None) -> SpecResult:
+        """The options of :func:`tokensift.generate.generate` for one prompt: ``generation_config``
+        (a transformers ``GenerationConfig``) replaces the sampling settings and stop strings,
+        ``streamer`` (``TextStreamer``/``TextIteratorStreamer``) gets each step's accepted tokens."""
         policy = resolve_policy(policy)
+        sampling = (sampling_from_config(generation_config, max_new_tokens) if generation_config is not None else
+                    Sampling(max_new_tokens, temperature, top_p, top_k, repetition_penalty, tuple(stop_strings)))
+        max_new_tokens = sampling.max_new_tokens
         prefill = build_prefill(prefill)
         if prefill.prunes and prefill_chunk is not None:
             raise TokensiftError(f"prefill '{prefill.name}' prefills the whole prompt: drop --prefill-chunk")
@@ -209,7 +229,13 @@ class Speculator:
             raise TokensiftError("speculative decoding needs a tokensift SelectingCache over full-attention layers")
         device = model_device(self.model)
         generator = torch.Generator(device=device).manual_seed(seed)
-        eos = tokenizer.eos_token_id if stop_at_eos else None
+        eos_ids = sampling.eos_token_ids
+        if eos_ids is None:
+            eos_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
+        eos = set(eos_ids) if stop_at_eos else set()
+        penalty = sampling.repetition_penalty
+        seen = seen_tokens([ids], self.head.weight.shape[0], device) if penalty != 1.0 else None
+        stream_prompt(streamer, ids)
 
         start = clock(device)
         step = prefill_chunk or max(len(ids) - 1, 1)
@@ -236,7 +262,8 @@ class Speculator:
             t0 = clock(device)
             tree = self.draft(context)
             t1 = clock(device)
-            path, token = self.verify(tree, cache, temperature, top_p, generator)
+            path, token = self.verify(tree, cache, sampling.temperature, sampling.top_p, generator, sampling.top_k,
+                                      seen, penalty)
             t2 = clock(device)
             steps += 1
             nodes += len(tree) - 1
@@ -246,9 +273,7 @@ class Speculator:
                 for key in tree.sources[index]:
                     accepted_by[key[0]] = accepted_by.get(key[0], 0) + 1
             new = [tree.tokens[i] for i in path[1:]] + [token]
-            new = new[: max_new_tokens - len(output)]
-            if eos is not None and eos in new:
-                new = new[: new.index(eos) + 1]
+            new = cut_at_stop(tokenizer, output, new[: max_new_tokens - len(output)], eos, sampling.stop_strings)
             output.extend(new)
             context.extend(new)
             for drafter in self.drafters:
@@ -256,14 +281,18 @@ class Speculator:
             if on_token is not None:
                 for t in new:
                     on_token(t)
+            if streamer is not None:
+                stream_prompt(streamer, new)  # the step's accepted tokens, as a host tensor
             if self.cost is not None and self.cost.online:
                 self.cost.observe(len(tree), clock(device) - t0)
                 if len(tree) > 1:
                     overhead = 0.9 * overhead + 0.1 * ((t1 - t0) + (clock(device) - t2))
                     self.cost.overhead = overhead
-            if eos is not None and new and new[-1] == eos:
+            if new and (new[-1] in eos or (sampling.stop_strings and hits_stop_string(tokenizer, output, sampling.stop_strings))):
                 break
         decode_seconds = clock(device) - decode_start
+        if streamer is not None:
+            streamer.end()
         for drafter in self.drafters:
             drafter.end(context)
         return SpecResult(
@@ -285,6 +314,15 @@ class Speculator:
             kv_bytes=cache.kv_bytes,
             params=policy.params(),
         )
+
+
+def cut_at_stop(tokenizer, output: list[int], new: list[int], eos: set[int], stop_strings) -> list[int]:
+    """``new`` up to and including its first token that is an end-of-sequence id or completes a
+    stop string (``output`` is what came before): where plain decoding would have stopped."""
+    new = next((new[: i + 1] for i, token in enumerate(new) if token in eos), new)
+    if stop_strings and hits_stop_string(tokenizer, output + new, stop_strings):
+        return next(new[: i + 1] for i in range(len(new)) if hits_stop_string(tokenizer, output + new[: i + 1], stop_strings))
+    return new
 
 
 def speculative_generate(model, tokenizer, prompt, *, speculate: str = "auto", **kwargs) -> SpecResult:

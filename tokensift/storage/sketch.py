@@ -23,9 +23,9 @@ _ROTATIONS: dict[tuple, torch.Tensor] = {}
 _BYTE_LEVELS: dict[tuple, torch.Tensor] = {}
 
 
-def hadamard(dim: int) -> torch.Tensor:
-    """The ``dim x dim`` Sylvester Hadamard matrix (``dim`` a power of two), entries +-1."""
-    matrix = torch.ones(1, 1)
+def hadamard(dim: int, device=None) -> torch.Tensor:
+    """The ``dim x dim`` Sylvester Hadamard matrix (``dim`` a power of two), entries +-1, on ``device``."""
+    matrix = torch.ones(1, 1, device=device)
     while matrix.shape[0] < dim:
         matrix = torch.cat([torch.cat([matrix, matrix], 1), torch.cat([matrix, -matrix], 1)], 0)
     return matrix
@@ -36,12 +36,13 @@ def rotation(dim: int, device, seed: int = 0) -> torch.Tensor:
     orthogonal matrix when ``dim`` is not a power of two). Cached per dim and device."""
     key = (dim, str(device), seed)
     if key not in _ROTATIONS:
-        generator = torch.Generator().manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # drawn on the host: the same matrix on every device
+        host = generator.device
         if dim & (dim - 1) == 0:
-            signs = torch.randint(0, 2, (dim,), generator=generator).float() * 2 - 1
-            matrix = hadamard(dim) * signs[None, :] / math.sqrt(dim)
+            signs = torch.randint(0, 2, (dim,), generator=generator, device=host).float() * 2 - 1
+            matrix = hadamard(dim, host) * signs[None, :] / math.sqrt(dim)
         else:
-            matrix, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator))
+            matrix, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, device=host))
         _ROTATIONS[key] = matrix.to(device)
     return _ROTATIONS[key]
 
@@ -51,8 +52,8 @@ def byte_levels(bits: int, device) -> torch.Tensor:
     key = (bits, str(device))
     if key not in _BYTE_LEVELS:
         per_byte = 8 // bits
-        values = torch.arange(256)[:, None] >> (torch.arange(per_byte)[None, :] * bits)
-        _BYTE_LEVELS[key] = (values & ((1 << bits) - 1)).float().to(device)
+        values = torch.arange(256, device=device)[:, None] >> (torch.arange(per_byte, device=device)[None, :] * bits)
+        _BYTE_LEVELS[key] = (values & ((1 << bits) - 1)).float()
     return _BYTE_LEVELS[key]
 
 
