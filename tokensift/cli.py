@@ -129,7 +129,12 @@ def generate(
         None, "--tree-nodes", help="With --speculate: verify a fixed number of draft nodes (default: adaptive, cost-aware)."
     ),
     spec_state: Optional[Path] = typer.Option(
-        None, "--spec-state", help="With --speculate recycling|auto: load the recycling matrix from this .npz (if present) and save it after."
+        None, "--spec-state", help="With --speculate: load the drafter state (recycling matrix, acceptance history, n-grams) "
+        "from this .npz instead of the warm start (if present) and save it after."
+    ),
+    spec_warm: bool = typer.Option(
+        True, "--spec-warm/--no-spec-warm", help="With --speculate: start from the drafter state learned once from shipped "
+        "text (kept in the cache folder, built on first use)."
     ),
 ) -> None:
     """Generate text with a KV policy and report what the cache held."""
@@ -161,7 +166,7 @@ def generate(
     stream, finish = (None, None) if as_json else text_printer(tokenizer)
     if speculate is not None:
         run_speculative(model_obj, tokenizer, text, speculate, tree_nodes, spec_state, chosen, as_json, stream,
-                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        spec_warm=spec_warm, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         repetition_penalty=repetition_penalty, stop_strings=stop or (), seed=seed,
                         prefill_chunk=prefill_chunk, finish=finish, prefill=prefill_policy)
         return
@@ -182,21 +187,20 @@ def generate(
 
 
 def run_speculative(model_obj, tokenizer, text, speculate, tree_nodes, spec_state, policy, as_json, stream,
-                    finish=None, **options):
+                    finish=None, spec_warm=True, **options):
     """``generate --speculate``: lossless speculative decoding under any cache policy."""
     from tokensift.speculative import Speculator
-    from tokensift.speculative.recycling import Recycling
+    from tokensift.speculative.warm import load_state, save_state, warm_start
 
     speculator = Speculator(model_obj, speculate, fixed_nodes=tree_nodes)
-    recycling = next((d for d in speculator.drafters if isinstance(d, Recycling)), None)
-    if spec_state is not None and recycling is not None and spec_state.exists():
-        loaded = Recycling.load(spec_state)
-        if loaded.adjacency.shape != recycling.adjacency.shape:
-            raise TokensiftError(f"recycling state {spec_state} does not match this model's vocabulary")
-        recycling.adjacency = loaded.adjacency
+    sequences = []
+    if spec_state is not None and spec_state.exists():
+        sequences = load_state(speculator, spec_state)
+    elif spec_warm and tree_nodes != 0:
+        sequences = warm_start(speculator, tokenizer, log=lambda message: print(message, file=sys.stderr))
     result = speculator.generate(tokenizer, text, policy=policy, on_token=stream, **options)
-    if spec_state is not None and recycling is not None:
-        recycling.save(spec_state)
+    if spec_state is not None:
+        save_state(speculator, spec_state, sequences + [tokenizer(text)["input_ids"] + result.token_ids])
     if as_json:
         print(json.dumps(result.as_dict()))
         return
@@ -247,6 +251,7 @@ def split_list(value: str | None, convert=str) -> list | None:
 SUITE_RUNNERS = {
     "vision": ("tokensift.bench.vision_suite", "run_vision_suite"),
     "spec": ("tokensift.bench.spec_suite", "run_spec_suite"),
+    "spec-fresh": ("tokensift.bench.spec_fresh", "run_spec_fresh"),
     "sparse-speed": ("tokensift.bench.sparse_speed", "run_sparse_speed"),
     "small-cache": ("tokensift.bench.small_cache", "run_small_cache"),
     "ttft": ("tokensift.bench.ttft_suite", "run_ttft_suite"),
@@ -256,7 +261,7 @@ TEXT_SUITES = ("quick", "standard", "full", "long")
 
 @app.command()
 def bench(
-    suite: str = typer.Option("quick", "--suite", help="quick | standard | full | long | vision | spec | sparse-speed | small-cache | ttft"),
+    suite: str = typer.Option("quick", "--suite", help="quick | standard | full | long | vision | spec | spec-fresh | sparse-speed | small-cache | ttft"),
     model: Optional[str] = typer.Option(None, "--model", help="smollm2 (default), gemma3, a .gguf or a folder (the long suite: gemma3)."),
     policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated policy names/expressions."),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma-separated token budgets."),

@@ -22,6 +22,12 @@ class Lookahead(Drafter):
     def extend(self, context, added):
         self._insert(context, final=False)
 
+    def learn(self, tokens) -> None:
+        """Insert every window of ``tokens`` (a finished sequence: a warm start)."""
+        indexed, self._indexed = self._indexed, 0
+        self._insert(list(tokens), final=True)
+        self._indexed = indexed
+
     def _insert(self, context, final: bool) -> None:
         """Insert the windows starting at each not-yet-indexed position once complete."""
         last = len(context) - (0 if final else self.depth)

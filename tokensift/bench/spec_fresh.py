@@ -1,0 +1,172 @@
+"""The ``spec-fresh`` suite: ``tokensift generate --speculate auto`` as a new user runs it, one fresh
+process per generation, against the same command's plain decoding, on the spec suite's prompts
+and, reported separately, on its held-out split (``spec_heldout.json``: fixed before any tuning,
+never used to tune).
+
+Arms per prompt, each a fresh ``tokensift generate ... --json`` process, interleaved (the order
+rotates from prompt to prompt, so load from other processes hits every arm alike): ``plain``,
+``auto`` (default warm start from the cache folder) and ``auto_cold`` (``--no-spec-warm``: empty
+drafter state, as before the warm start); optional ``packed0`` (``--tree-nodes 0``: the speculative
+loop's packed kernels without drafts, what the kernels give alone). Speedups are ratios of the CLI's own decode tokens/s of
+the same prompt in the same run, geometric means per category.
+
+Knobs: TOKENSIFT_SPEC_PROMPTS (suite prompts per category, 2), TOKENSIFT_SPEC_TOKENS (128),
+TOKENSIFT_SPEC_THREADS (1: every process pinned to the same thread count through
+OMP_NUM_THREADS), TOKENSIFT_SPEC_SPLITS (``suite,heldout``), TOKENSIFT_SPEC_ARMS
+(``plain,auto,auto_cold``), TOKENSIFT_SPEC_REPEATS (1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tokensift.bench.spec_suite import CATEGORIES, _env, _geomean, _mean, spec_prompts
+
+HELDOUT_FILE = Path(__file__).with_name("spec_heldout.json")
+ARM_FLAGS = {"plain": [], "auto": ["--speculate", "auto"], "auto_cold": ["--speculate", "auto", "--no-spec-warm"],
+             "packed0": ["--speculate", "auto", "--tree-nodes", "0"]}
+
+
+def heldout_prompts(tokenizer) -> list[dict]:
+    """The held-out split: ``{"category", "name", "text"}`` with the chat template applied."""
+    prompts = []
+    for item in json.loads(HELDOUT_FILE.read_text())["prompts"]:
+        text = item.get("text")
+        if text is None:
+            messages = [{"role": role, "content": content} for role, content in item["turns"]]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompts.append({"category": item["category"], "name": item["name"], "text": text})
+    return prompts
+
+
+def run_cli(prompt_file: Path, arm: str, new_tokens: int, threads: int, model: str | None, device: str, dtype: str) -> dict:
+    """One fresh ``tokensift generate --json`` process; returns its JSON."""
+    command = [sys.executable, "-c", "from tokensift.cli import main; main()", "generate", "--prompt-file", str(prompt_file),
+               "--max-new-tokens", str(new_tokens), "--device", device, "--dtype", dtype, "--json", *ARM_FLAGS[arm]]
+    if model is not None:
+        command += ["--model", model]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"{arm} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_spec_fresh(out_dir: Path, model: str | None = None, device: str = "cpu", dtype: str = "float32") -> None:
+    """Run the suite; writes results.jsonl and report.md into ``out_dir`` (a rerun resumes)."""
+    from tokensift.models import load_model
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    per_category = _env("TOKENSIFT_SPEC_PROMPTS", 2)
+    new_tokens = _env("TOKENSIFT_SPEC_TOKENS", 128)
+    threads = _env("TOKENSIFT_SPEC_THREADS", 1)
+    repeats = _env("TOKENSIFT_SPEC_REPEATS", 1)
+    splits = os.environ.get("TOKENSIFT_SPEC_SPLITS", "suite,heldout").split(",")
+    arms = [a for a in os.environ.get("TOKENSIFT_SPEC_ARMS", "plain,auto,auto_cold").split(",") if a in ARM_FLAGS]
+    _, tokenizer = load_model(model)
+    prompts = []
+    if "suite" in splits:
+        prompts += [dict(p, split="suite") for p in spec_prompts(tokenizer, 4) if int(p["name"].rsplit("-", 1)[1]) < per_category]
+    if "heldout" in splits:
+        prompts += [dict(p, split="heldout") for p in heldout_prompts(tokenizer)]
+    order = sorted(range(len(prompts)), key=lambda i: (int(prompts[i]["name"].rsplit("-", 1)[1]), i))  # categories interleaved
+    results_path = out_dir / "results.jsonl"
+    done = {(r["prompt"], r["arm"], r.get("repeat", 0)) for r in map(json.loads, results_path.open())} if results_path.exists() else set()
+    load_before = os.getloadavg()
+    with tempfile.TemporaryDirectory() as folder, results_path.open("a") as sink:
+        for position, index in enumerate(order):
+            prompt = prompts[index]
+            prompt_file = Path(folder) / f"{prompt['name']}.txt"
+            prompt_file.write_text(prompt["text"], encoding="utf-8")
+            for repeat in range(repeats):
+                rotated = arms[(position + repeat) % len(arms):] + arms[:(position + repeat) % len(arms)]
+                for arm in rotated:
+                    if (prompt["name"], arm, repeat) in done:
+                        continue
+                    before = round(os.getloadavg()[0], 2)
+                    out = run_cli(prompt_file, arm, new_tokens, threads, model, device, dtype)
+                    record = {"split": prompt["split"], "category": prompt["category"], "prompt": prompt["name"], "arm": arm,
+                              "repeat": repeat, "threads": threads, "tokens_per_second": out["tokens_per_second"],
+                              "new_tokens": out["new_tokens"], "prompt_tokens": out["prompt_tokens"],
+                              "prefill_seconds": out.get("prefill_seconds"), "decode_seconds": out.get("decode_seconds"),
+                              "steps": out.get("steps"), "accepted_per_step": out.get("accepted_per_step"),
+                              "mean_tree_nodes": out.get("mean_tree_nodes"), "accepted_by_drafter": out.get("accepted_by_drafter"),
+                              "token_ids": out["token_ids"], "load_before": before, "load_after": round(os.getloadavg()[0], 2)}
+                    sink.write(json.dumps(record) + "\n")
+                    sink.flush()
+                    print(f"[spec-fresh] {prompt['name']} {arm}: {record['tokens_per_second']:.1f} tok/s", flush=True)
+    records = [json.loads(line) for line in results_path.open()]
+    write_report(out_dir, records, load_before, os.getloadavg(), new_tokens, threads)
+
+
+def write_report(out_dir: Path, records: list[dict], load_before, load_after, new_tokens: int, threads: int) -> None:
+    by = {(r["prompt"], r["arm"], r.get("repeat", 0)): r for r in records}
+    arms = list(dict.fromkeys(r["arm"] for r in records))
+
+    def ratios(a, b, sel):
+        out = []
+        for r in sel:
+            if r["arm"] != a:
+                continue
+            base = by.get((r["prompt"], b, r.get("repeat", 0)))
+            if base and base["tokens_per_second"] > 0:
+                out.append(r["tokens_per_second"] / base["tokens_per_second"])
+        return out
+
+    reference = {(r["prompt"], r.get("repeat", 0)): r["token_ids"] for r in records if r["arm"] == "plain"}
+    compared = [r["token_ids"] == reference[(r["prompt"], r.get("repeat", 0))] for r in records
+                if r["arm"] != "plain" and (r["prompt"], r.get("repeat", 0)) in reference]
+    lines = [f"# spec-fresh: `tokensift generate --speculate auto`, one fresh process per generation ({threads} thread(s) each)", "",
+             f"{new_tokens} new tokens (or EOS); arms interleaved per prompt (order rotated); load average (1/5/15 min) before "
+             f"{tuple(round(x, 2) for x in load_before)}, after {tuple(round(x, 2) for x in load_after)} on a 2-core machine "
+             "shared with other jobs. Speedup = ratio of the CLI's decode tokens/s to plain decoding of the same prompt in the "
+             "same run, geometric mean per category. `auto`: default warm start; `auto_cold`: `--no-spec-warm`.", "",
+             f"Greedy outputs identical to plain: {sum(compared)}/{len(compared)} runs.", ""]
+    pairs = [(a, "plain") for a in arms if a != "plain"] + ([("auto", "auto_cold")] if {"auto", "auto_cold"} <= set(arms) else [])
+    for split in ("suite", "heldout"):
+        sel_split = [r for r in records if r["split"] == split]
+        if not sel_split:
+            continue
+        title = "Spec-suite prompts" if split == "suite" else "Held-out split (fixed before tuning, never used to tune)"
+        lines += [f"## {title}", "",
+                  "| category | prompts | " + " | ".join(f"tok/s {a}" for a in arms) + " | " +
+                  " | ".join(f"tokens/step {a}" for a in arms if a != "plain") + " | " +
+                  " | ".join(f"{a} vs {b}" for a, b in pairs) + " |",
+                  "|---|---|" + "---|" * (len(arms) + len(arms) - 1 + len(pairs))]
+        cat_rows = {}
+        for category in CATEGORIES + ("overall",):
+            sel = sel_split if category == "overall" else [r for r in sel_split if r["category"] == category]
+            if not sel:
+                continue
+            if category == "overall":
+                row = {p: _geomean([cat_rows[c][p] for c in cat_rows]) for p in pairs}
+            else:
+                row = {p: _geomean(ratios(*p, sel)) for p in pairs}
+                cat_rows[category] = row
+            count = len({r["prompt"] for r in sel})
+            lines.append(f"| {category} | {count} | " + " | ".join(f"{_mean([r['tokens_per_second'] for r in sel if r['arm'] == a]):.2f}" for a in arms)
+                         + " | " + " | ".join(f"{_mean([r['accepted_per_step'] or float('nan') for r in sel if r['arm'] == a]):.2f}" for a in arms if a != "plain")
+                         + " | " + " | ".join(f"{row[p]:.2f}x" for p in pairs) + " |")
+        lines.append("")
+    lines += ["Per prompt (tok/s; ratio to plain):", "", "| split | prompt | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
+    for key in dict.fromkeys((r["split"], r["prompt"], r.get("repeat", 0)) for r in records):
+        split, prompt, repeat = key
+        base = by.get((prompt, "plain", repeat))
+        cells = []
+        for a in arms:
+            r = by.get((prompt, a, repeat))
+            if r is None:
+                cells.append("")
+            elif a == "plain" or base is None:
+                cells.append(f"{r['tokens_per_second']:.1f}")
+            else:
+                cells.append(f"{r['tokens_per_second']:.1f} ({r['tokens_per_second'] / base['tokens_per_second']:.2f}x)")
+        lines.append(f"| {split} | {prompt}{'' if not repeat else f' #{repeat}'} | " + " | ".join(cells) + " |")
+    (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
