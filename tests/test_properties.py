@@ -7,7 +7,9 @@ After every forward: the only exception is a ``TokensiftError``; each layer hold
 budget (per KV head; per sequence for per-head budgets); padding is kept only where no real
 token could take its slot and never counts as real; true positions never renumber (strictly
 increasing, ranks = position - padding, and the first layer's kept keys equal a full run's
-keys at those positions); ``kv_bytes`` equals the bytes of the tensors the cache holds. Per
+keys at those positions); ``kv_bytes`` equals the bytes of the tensors the cache holds (a
+``tiered`` layer's packed key sketch and padding mask; its second tier, reported as
+``tier_bytes``, equals the storage behind the rows it hands to attention). Per
 scenario: a batch decodes exactly like each prompt alone; a budget no layer reaches equals
 ``full`` bit for bit.
 
@@ -167,6 +169,7 @@ def check_invariants(net, cache: SelectingCache, pads: list[int], fed: torch.Ten
     if all(type(layer).__name__.removeprefix("Sparse") in KNOWN_STORAGE or not hasattr(type(layer), "kv_bytes")
            for layer in cache.layers):  # a new storage class counts its own way: add it to held_bytes
         assert cache.kv_bytes == sum(held_bytes(layer) for layer in cache.layers), "kv_bytes != bytes of the tensors held"
+    assert cache.tier_bytes == sum(tier_bytes(layer) for layer in cache.layers), "tier_bytes != the second tier's storage"
     real = mask.sum(1)
     for layer in cache.selecting_layers:
         assert layer.seen == seen
@@ -219,13 +222,32 @@ def check_first_layer_keys(net, layer, fed: torch.Tensor, mask: torch.Tensor) ->
     assert float(difference.max()) < 1e-4, "a kept key is not the key of its true position"
 
 
-KNOWN_STORAGE = ("SelectingLayer", "VarlenLayer", "QuantizedLayer")
+KNOWN_STORAGE = ("SelectingLayer", "VarlenLayer", "QuantizedLayer", "TieredLayer", "QuantizedWindowLayer")
+
+
+def is_tiered(layer) -> bool:
+    return "sketches" in vars(layer)
+
+
+def tier_bytes(layer) -> int:
+    """A tiered layer's second tier: the whole storage behind the K/V views it gives attention."""
+    if not is_tiered(layer) or vars(layer).get("keys") is None:
+        return 0
+    return sum(vars(layer)[name].untyped_storage().nbytes() for name in ("keys", "values"))
 
 
 def held_bytes(layer) -> int:
-    """Bytes of every K/V tensor a layer holds (whole storages, spare room included), found
-    independently of the layer's own ``kv_bytes``: its tensors, packed blocks' codes and scales."""
-    tensors = [vars(layer).get(name) for name in ("keys", "values", "store_keys", "store_values", "tail_keys", "tail_values")]
+    """Bytes of every K/V tensor a layer holds in memory (whole storages, spare room included),
+    found independently of the layer's own ``kv_bytes``: its tensors, packed blocks' codes and
+    scales; for a tiered layer its key sketches' buffers and padding mask (its K/V views are the
+    second tier, counted by :func:`tier_bytes`); for a quantized window its codes."""
+    names = ("keys", "values", "store_keys", "store_values", "tail_keys", "tail_values")
+    tensors = [vars(layer).get(name) for name in names if not is_tiered(layer)]
+    for sketch in vars(layer).get("sketches") or []:
+        tensors += [sketch.codes.data, sketch.scales.data, sketch.zeros.data]
+    tensors += [vars(layer).get("mask") if is_tiered(layer) else None]
+    for codes in vars(layer).get("codes") or []:  # a quantized sliding window: (keys, values)
+        tensors += [codes.packed, codes.scale, codes.zero]
     tensors += [vars(layer).get("_buffers", {}).get(name) for name in ("keys", "values")]  # append buffers
     for block in vars(layer).get("blocks") or []:
         for row in block.rows:
@@ -321,3 +343,16 @@ FOUND = [
 @pytest.mark.parametrize("scenario", FOUND, ids=lambda s: f"{s.model}-{s.expr}-{s.lengths}")
 def test_found_examples(scenario):
     run(scenario, scenario.prompts(), scenario.policy())
+
+
+@pytest.mark.parametrize("tier", ["file", "host"])
+@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+def test_tiered_bytes_are_the_tensors_held(name, tier, tmp_path):
+    """``tiered`` on every tiny model and tier, a batch of uneven rows, chunked prefill and decoding past
+    a sketch group: after every forward ``kv_bytes`` is its sketches + mask (+ quantized windows on
+    Gemma 3) and ``tier_bytes`` its second tier, both found from the tensors themselves."""
+    params = dict(k=12, n_sink=2, window=4, group=16, tier=tier, tier_dir=str(tmp_path))
+    scenario = Scenario(name, "tiered", params, [150, 97, 40], 64, 20, 3)
+    cache = run(scenario, scenario.prompts(), scenario.policy()).cache
+    sketched = [s.count for layer in cache.selecting_layers for s in layer.sketches]
+    assert min(sketched) > 0 and cache.tier_bytes > cache.kv_bytes > 0
