@@ -118,3 +118,22 @@ def test_training_prompts_disjoint_from_suite_and_heldout():
         for other in suite_texts + held_texts:
             for start in range(0, max(len(other) - 80, 1), 40):
                 assert other[start:start + 80] not in text
+
+
+def test_spec_report_has_a_separate_heldout_table(tmp_path):
+    """Held-out prompts get their own per-category table and do not move the suite's ratios."""
+    from tokensift.bench.spec_suite import CATEGORIES, write_report
+
+    def rows(split, auto_rate):
+        rates = {"plain": 10.0, "hf_lookup_3": 12.0, "hf_lookup_10": 8.0, "auto": auto_rate, "plain_packed": 12.5}
+        return [{"split": split, "category": c, "prompt": f"{split}-{c}-{i}", "method": m, "steps": 10,
+                 "tokens_per_second": rate, "accepted_per_step": 2.0, "identical_to_plain": True}
+                for c in CATEGORIES for i in range(2) for m, rate in rates.items()]
+
+    curve = {q: 1.0 for q in (1, 2)}
+    curves = {"stock_all_rows": curve, "stock_lazy_head_2_rows": curve, "packed_all_rows": curve,
+              "body_ms": {}, "packed_body_ms": {}, "head_ms": {}, "packed_head_ms": {}}
+    write_report(tmp_path, rows("suite", 20.0) + rows("heldout", 15.0), curves, (0, 0, 0), (0, 0, 0), 2, 128, 2)
+    suite, heldout = (tmp_path / "report.md").read_text().split("## Held-out split")
+    assert "| code | 2.00 | 10.00 | 12.00 | 8.00 | 20.00 | 2.00x |" in suite
+    assert "| code | 2.00 | 10.00 | 12.00 | 8.00 | 15.00 | 1.50x |" in heldout

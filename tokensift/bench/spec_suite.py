@@ -7,12 +7,14 @@ methods back to back (interleaved, so load from other processes hits them alike)
 are ratios of decode-phase tokens/s measured in the same run. Also measured: the machine's
 cost curve with stock and with packed kernels (before/after), tokensift's own decoding with
 packed kernels and no drafts (``plain_packed``: how much of the speedup the kernels give
-alone), each drafter alone, and fixed tree sizes.
+alone), each drafter alone, and fixed tree sizes. The held-out split (``spec_heldout.json``: new
+prompts from the same shipped data, fixed before any tuning and never used to tune) runs after the
+suite's prompts and is reported in its own table.
 
 Environment knobs (for quick runs): TOKENSIFT_SPEC_PROMPTS (per category, 4),
 TOKENSIFT_SPEC_TOKENS (128), TOKENSIFT_SPEC_ABLATION (prompts per category for the drafter
 and fixed-tree runs, 1), TOKENSIFT_SPEC_EXTRA (which of those, comma-separated; all),
-TOKENSIFT_SPEC_THREADS (2).
+TOKENSIFT_SPEC_THREADS (2), TOKENSIFT_SPEC_HELDOUT (held-out prompts per category, 3; 0: none).
 """
 
 from __future__ import annotations
@@ -221,6 +223,11 @@ def run_spec_suite(out_dir: Path, model: str | None = None, device: str | None =
     (out_dir / "cost_curve.json").write_text(json.dumps(curves, indent=1))
 
     prompts = spec_prompts(tokenizer, per_category)
+    heldout = _env("TOKENSIFT_SPEC_HELDOUT", 3)
+    if heldout > 0:
+        from tokensift.bench.spec_fresh import heldout_prompts
+
+        prompts += [dict(p, split="heldout") for p in heldout_prompts(tokenizer) if int(p["name"].rsplit("-", 1)[1]) < heldout]
     main = {"auto": Speculator(model, "auto", cost=cost), "plain_packed": Speculator(model, "auto", fixed_nodes=0)}
     makers = {
         "recycling": lambda: Speculator(model, "recycling", cost=cost),
@@ -235,7 +242,7 @@ def run_spec_suite(out_dir: Path, model: str | None = None, device: str | None =
     with results_path.open("w") as sink:
         for index, prompt in enumerate(prompts):
             ids = tokenizer(prompt["text"])["input_ids"]
-            in_ablation = index % per_category < ablation
+            in_ablation = prompt.get("split") != "heldout" and index % per_category < ablation
             runs = {
                 "plain": lambda: run_transformers(model, tokenizer, ids, new_tokens, None),
                 "hf_lookup_3": lambda: run_transformers(model, tokenizer, ids, new_tokens, 3),
@@ -248,7 +255,7 @@ def run_spec_suite(out_dir: Path, model: str | None = None, device: str | None =
             for method, run in runs.items():
                 outcome = run()
                 outputs[method] = outcome.pop("tokens")
-                record = {"model": model_label, "category": prompt["category"], "prompt": prompt["name"], "prompt_tokens": len(ids),
+                record = {"model": model_label, "split": prompt.get("split", "suite"), "category": prompt["category"], "prompt": prompt["name"], "prompt_tokens": len(ids),
                           "method": method, "new_tokens": len(outputs[method]),
                           "identical_to_plain": outputs[method] == outputs["plain"], **outcome,
                           "load": round(os.getloadavg()[0], 2), **run_fields(model)}
@@ -269,12 +276,13 @@ def write_report(out_dir: Path, records: list[dict], curves: dict, load_before, 
         by.setdefault((record["prompt"], record["method"]), record)
     prompts = sorted({r["prompt"] for r in records}, key=lambda p: [r["prompt"] for r in records].index(p))
     category_of = {r["prompt"]: r["category"] for r in records}
+    split_of = {r["prompt"]: r.get("split", "suite") for r in records}
     methods = list(dict.fromkeys(r["method"] for r in records))
 
-    def speedups(method, base, category=None):
+    def speedups(method, base, category=None, split=None):
         out = []
         for prompt in prompts:
-            if category and category_of[prompt] != category:
+            if (category and category_of[prompt] != category) or (split and split_of[prompt] != split):
                 continue
             a, b = by.get((prompt, method)), by.get((prompt, base))
             if a and b and a["tokens_per_second"] == a["tokens_per_second"] and b["tokens_per_second"] > 0:
@@ -289,31 +297,38 @@ def write_report(out_dir: Path, records: list[dict], curves: dict, load_before, 
              "prompt in the same run (methods interleaved per prompt), averaged (geometric mean) per category.", ""]
     identical = [r["identical_to_plain"] for r in records if r["method"] not in ("plain",)]
     lines += [f"Outputs identical to plain greedy: {sum(identical)}/{len(identical)} runs.", ""]
-    lines += ["## Per category: `auto` (adaptive, cost-aware) vs baselines", "",
-              "| category | tokens/step auto | tok/s plain | tok/s hf_lookup_3 | tok/s hf_lookup_10 | tok/s auto | "
-              "auto vs plain | auto vs hf_lookup_3 | auto vs hf_lookup_10 | hf_lookup_3 vs plain | hf_lookup_10 vs plain | "
-              "plain_packed vs plain | auto vs plain_packed |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    cat_rows = {}
-    for category in CATEGORIES + ("overall",):
-        cat = None if category == "overall" else category
-        sel = [r for r in records if cat is None or r["category"] == cat]
+    for split, title in (("suite", "## Per category: `auto` (adaptive, cost-aware) vs baselines"),
+                         ("heldout", "## Held-out split (fixed before tuning, never used to tune): `auto` vs baselines")):
+        split_records = [r for r in records if r.get("split", "suite") == split]
+        if not split_records:
+            continue
+        if split == "heldout":
+            lines.append("")
+        lines += [title, "",
+                  "| category | tokens/step auto | tok/s plain | tok/s hf_lookup_3 | tok/s hf_lookup_10 | tok/s auto | "
+                  "auto vs plain | auto vs hf_lookup_3 | auto vs hf_lookup_10 | hf_lookup_3 vs plain | hf_lookup_10 vs plain | "
+                  "plain_packed vs plain | auto vs plain_packed |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        cat_rows = {}
+        for category in CATEGORIES + ("overall",):
+            cat = None if category == "overall" else category
+            sel = [r for r in split_records if cat is None or r["category"] == cat]
 
-        def tps(method):
-            return _mean([r["tokens_per_second"] for r in sel if r["method"] == method])
+            def tps(method):
+                return _mean([r["tokens_per_second"] for r in sel if r["method"] == method])
 
-        aps = _mean([r["accepted_per_step"] for r in sel if r["method"] == "auto"])
-        pairs = {"vs_plain": ("auto", "plain"), "vs_l3": ("auto", "hf_lookup_3"), "vs_l10": ("auto", "hf_lookup_10"),
-                 "l3": ("hf_lookup_3", "plain"), "l10": ("hf_lookup_10", "plain"),
-                 "kernels": ("plain_packed", "plain"), "drafts": ("auto", "plain_packed")}
-        if category == "overall":  # average over categories (each category weighs the same)
-            row = {k: _geomean([cat_rows[c][k] for c in cat_rows]) for k in pairs}
-        else:
-            row = {k: _geomean(speedups(a, b, cat)) for k, (a, b) in pairs.items()}
-            cat_rows[category] = row
-        lines.append(f"| {category} | {aps:.2f} | {tps('plain'):.2f} | {tps('hf_lookup_3'):.2f} | {tps('hf_lookup_10'):.2f} | "
-                     f"{tps('auto'):.2f} | {row['vs_plain']:.2f}x | {row['vs_l3']:.2f}x | {row['vs_l10']:.2f}x | "
-                     f"{row['l3']:.2f}x | {row['l10']:.2f}x | {row['kernels']:.2f}x | {row['drafts']:.2f}x |")
+            aps = _mean([r["accepted_per_step"] for r in sel if r["method"] == "auto"])
+            pairs = {"vs_plain": ("auto", "plain"), "vs_l3": ("auto", "hf_lookup_3"), "vs_l10": ("auto", "hf_lookup_10"),
+                     "l3": ("hf_lookup_3", "plain"), "l10": ("hf_lookup_10", "plain"),
+                     "kernels": ("plain_packed", "plain"), "drafts": ("auto", "plain_packed")}
+            if category == "overall":  # average over categories (each category weighs the same)
+                row = {k: _geomean([cat_rows[c][k] for c in cat_rows]) for k in pairs}
+            else:
+                row = {k: _geomean(speedups(a, b, cat, split)) for k, (a, b) in pairs.items()}
+                cat_rows[category] = row
+            lines.append(f"| {category} | {aps:.2f} | {tps('plain'):.2f} | {tps('hf_lookup_3'):.2f} | {tps('hf_lookup_10'):.2f} | "
+                         f"{tps('auto'):.2f} | {row['vs_plain']:.2f}x | {row['vs_l3']:.2f}x | {row['vs_l10']:.2f}x | "
+                         f"{row['l3']:.2f}x | {row['l10']:.2f}x | {row['kernels']:.2f}x | {row['drafts']:.2f}x |")
     lines += ["", "## Each drafter alone, and fixed trees (ablation prompts only: the first of each category)", "",
               "| method | tokens/step | draft nodes/step | speedup vs plain (geomean over prompts) | same prompts: auto vs plain |",
               "|---|---|---|---|---|"]
