@@ -103,3 +103,29 @@ def test_killed_ray_run_resumes_without_duplicate_rows(local_ray, tiny_folder, s
     assert after.startswith(b"".join(intact[:len(killed)]))  # rows written before the kill are kept
     same = {cell: comparable(row) for cell, row in sequential.items() if not cell.startswith("ppl|")}
     assert {row["cell"]: comparable(row) for row in rows if not row["cell"].startswith("ppl|")} == same
+
+
+def run_cli(monkeypatch, capsys, *args):
+    from tokensift import cli
+
+    monkeypatch.setattr("sys.argv", ["tokensift", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_bare_ray_means_a_local_ray_and_bad_input_is_one_line(monkeypatch, capsys, tmp_path):
+    from tokensift.cli import fill_optional_values
+
+    assert fill_optional_values(["bench", "--ray"]) == ["bench", "--ray", "local"]
+    assert fill_optional_values(["bench", "--ray", "--samples", "2"]) == ["bench", "--ray", "local", "--samples", "2"]
+    assert fill_optional_values(["bench", "--ray", "10.0.0.1:6379"]) == ["bench", "--ray", "10.0.0.1:6379"]
+    for address, words in (("127.0.0.1:1", "no Ray cluster answers at 127.0.0.1:1"),
+                           ("nonsense", "a Ray address is local, auto or HOST:PORT")):
+        code, err = run_cli(monkeypatch, capsys, "bench", "--ray", address, "--out", str(tmp_path / "run"))
+        assert code == 2 and words in err and err.count("\n") == 1
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if the ray extra were not installed
+    code, err = run_cli(monkeypatch, capsys, "bench", "--ray", "--out", str(tmp_path / "run"))
+    assert code == 2 and err == ("error: tokensift bench --ray needs Ray (ray is missing): "
+                                 "pip install 'tokensift[ray]' (or pip install -r requirements-ray.txt)\n")
+    assert not (tmp_path / "run").exists()  # nothing written

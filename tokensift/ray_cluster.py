@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from contextlib import contextmanager
 
 from tokensift.errors import TokensiftError
@@ -21,6 +22,20 @@ def require_ray(command: str, serve: bool = False):
     return ray
 
 
+def check_address(address: str, command: str) -> None:
+    """A one-line error now for a ``HOST:PORT`` address that nothing answers on (Ray itself
+    would keep retrying for minutes); ``local`` and ``auto`` pass."""
+    if address in ("local", "auto"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise TokensiftError(f"{command}: a Ray address is local, auto or HOST:PORT (got '{address}')")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as error:
+        raise TokensiftError(f"{command}: no Ray cluster answers at {address} ({error.strerror or error})") from None
+
+
 @contextmanager
 def ray_cluster(address: str, command: str, serve: bool = False):
     """Ray connected for the block, then disconnected (``serve``: Ray Serve needed, its logs shown).
@@ -31,6 +46,7 @@ def ray_cluster(address: str, command: str, serve: bool = False):
     address of a running cluster (``HOST:PORT`` or ``ray://HOST:PORT``).
     """
     ray = require_ray(command, serve)
+    check_address(address, command)
     if ray.is_initialized():
         yield ray
         return

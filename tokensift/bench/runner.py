@@ -621,9 +621,9 @@ def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, worker
     resolve_device(config.device), resolve_dtype(config.dtype)  # one-line errors before anything is written
     check_config(config)
     if ray is not None:
-        from tokensift.ray_cluster import require_ray
+        from tokensift.ray_cluster import check_address, require_ray
 
-        require_ray("tokensift bench --ray")
+        require_ray("tokensift bench --ray"), check_address(ray, "tokensift bench --ray")
     if model is not None:  # rows record where the given model really runs
         config = replace(config, **run_fields(model))
     out.mkdir(parents=True, exist_ok=True)
