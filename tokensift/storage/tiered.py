@@ -103,7 +103,7 @@ class TieredLayer(SelectingLayer):
     def _truncate(self, length: int) -> None:
         self._forget_sketches_after(length)
         self.seen = self.tier.length = length
-        self.mask = self.mask[:, :length]
+        self.mask = self.mask[:, :length].clone()  # a view would keep (and hide) the longer mask
         self._refresh_views()
 
     def _forget_sketches_after(self, length: int) -> None:
