@@ -3,8 +3,11 @@ process per generation, against the same command's plain decoding, on the spec s
 and, reported separately, on its held-out split (``spec_heldout.json``: fixed before any tuning,
 never used to tune).
 
-Arms per prompt, each a fresh ``tokensift generate ... --json`` process, interleaved (the order
-rotates from prompt to prompt, so load from other processes hits every arm alike): ``plain``,
+Arms per prompt, each a fresh ``tokensift generate ... --json`` process pinned to the same thread
+count, started together (TOKENSIFT_SPEC_CONCURRENT=1, the default: on a machine shared with other
+jobs, whatever load comes hits every arm alike, where one after the other a burst lands on one arm;
+an arm that finishes first leaves the others more CPU, which favours the slower arm) or one after
+the other in an order that rotates from prompt to prompt (0): ``plain``,
 ``auto`` (default warm start from the cache folder) and ``auto_cold`` (``--no-spec-warm``: empty
 drafter state, as before the warm start); optional ``packed0`` (``--tree-nodes 0``: the speculative
 loop's packed kernels without drafts, what the kernels give alone). Speedups are ratios of the CLI's own decode tokens/s of
@@ -13,7 +16,7 @@ the same prompt in the same run, geometric means per category.
 Knobs: TOKENSIFT_SPEC_PROMPTS (suite prompts per category, 2), TOKENSIFT_SPEC_TOKENS (128),
 TOKENSIFT_SPEC_THREADS (1: every process pinned to the same thread count through
 OMP_NUM_THREADS), TOKENSIFT_SPEC_SPLITS (``suite,heldout``), TOKENSIFT_SPEC_ARMS
-(``plain,auto,auto_cold``), TOKENSIFT_SPEC_REPEATS (1).
+(``plain,auto,auto_cold``), TOKENSIFT_SPEC_REPEATS (1), TOKENSIFT_SPEC_CONCURRENT (1).
 """
 
 from __future__ import annotations
@@ -44,17 +47,23 @@ def heldout_prompts(tokenizer) -> list[dict]:
     return prompts
 
 
-def run_cli(prompt_file: Path, arm: str, new_tokens: int, threads: int, model: str | None, device: str, dtype: str) -> dict:
-    """One fresh ``tokensift generate --json`` process; returns its JSON."""
+def start_cli(prompt_file: Path, arm: str, new_tokens: int, threads: int, model: str | None, device: str,
+              dtype: str) -> subprocess.Popen:
+    """Start one fresh ``tokensift generate --json`` process."""
     command = [sys.executable, "-c", "from tokensift.cli import main; main()", "generate", "--prompt-file", str(prompt_file),
                "--max-new-tokens", str(new_tokens), "--device", device, "--dtype", dtype, "--json", *ARM_FLAGS[arm]]
     if model is not None:
         command += ["--model", model]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"{arm} failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def finish_cli(process: subprocess.Popen, arm: str) -> dict:
+    """Wait for a process from :func:`start_cli`; returns its JSON."""
+    stdout, stderr = process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"{arm} failed: {stderr.strip().splitlines()[-1] if stderr.strip() else process.returncode}")
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def run_spec_fresh(out_dir: Path, model: str | None = None, device: str = "cpu", dtype: str = "float32") -> None:
@@ -67,6 +76,7 @@ def run_spec_fresh(out_dir: Path, model: str | None = None, device: str = "cpu",
     new_tokens = _env("TOKENSIFT_SPEC_TOKENS", 128)
     threads = _env("TOKENSIFT_SPEC_THREADS", 1)
     repeats = _env("TOKENSIFT_SPEC_REPEATS", 1)
+    concurrent = bool(_env("TOKENSIFT_SPEC_CONCURRENT", 1))
     splits = os.environ.get("TOKENSIFT_SPEC_SPLITS", "suite,heldout").split(",")
     arms = [a for a in os.environ.get("TOKENSIFT_SPEC_ARMS", "plain,auto,auto_cold").split(",") if a in ARM_FLAGS]
     _, tokenizer = load_model(model)
@@ -86,18 +96,23 @@ def run_spec_fresh(out_dir: Path, model: str | None = None, device: str = "cpu",
             prompt_file.write_text(prompt["text"], encoding="utf-8")
             for repeat in range(repeats):
                 rotated = arms[(position + repeat) % len(arms):] + arms[:(position + repeat) % len(arms)]
-                for arm in rotated:
-                    if (prompt["name"], arm, repeat) in done:
-                        continue
-                    before = round(os.getloadavg()[0], 2)
-                    out = run_cli(prompt_file, arm, new_tokens, threads, model, device, dtype)
+                rotated = [arm for arm in rotated if (prompt["name"], arm, repeat) not in done]
+                before = round(os.getloadavg()[0], 2)
+                if concurrent:  # every arm at once: whatever else runs hits them alike
+                    started = {arm: start_cli(prompt_file, arm, new_tokens, threads, model, device, dtype) for arm in rotated}
+                    outputs = {arm: finish_cli(process, arm) for arm, process in started.items()}
+                else:
+                    outputs = {arm: finish_cli(start_cli(prompt_file, arm, new_tokens, threads, model, device, dtype), arm)
+                               for arm in rotated}
+                for arm, out in outputs.items():
                     record = {"split": prompt["split"], "category": prompt["category"], "prompt": prompt["name"], "arm": arm,
                               "repeat": repeat, "threads": threads, "tokens_per_second": out["tokens_per_second"],
                               "new_tokens": out["new_tokens"], "prompt_tokens": out["prompt_tokens"],
                               "prefill_seconds": out.get("prefill_seconds"), "decode_seconds": out.get("decode_seconds"),
                               "steps": out.get("steps"), "accepted_per_step": out.get("accepted_per_step"),
                               "mean_tree_nodes": out.get("mean_tree_nodes"), "accepted_by_drafter": out.get("accepted_by_drafter"),
-                              "token_ids": out["token_ids"], "load_before": before, "load_after": round(os.getloadavg()[0], 2)}
+                              "token_ids": out["token_ids"], "concurrent": concurrent, "load_before": before,
+                              "load_after": round(os.getloadavg()[0], 2)}
                     sink.write(json.dumps(record) + "\n")
                     sink.flush()
                     print(f"[spec-fresh] {prompt['name']} {arm}: {record['tokens_per_second']:.1f} tok/s", flush=True)
@@ -123,7 +138,9 @@ def write_report(out_dir: Path, records: list[dict], load_before, load_after, ne
     compared = [r["token_ids"] == reference[(r["prompt"], r.get("repeat", 0))] for r in records
                 if r["arm"] != "plain" and (r["prompt"], r.get("repeat", 0)) in reference]
     lines = [f"# spec-fresh: `tokensift generate --speculate auto`, one fresh process per generation ({threads} thread(s) each)", "",
-             f"{new_tokens} new tokens (or EOS); arms interleaved per prompt (order rotated); load average (1/5/15 min) before "
+             f"{new_tokens} new tokens (or EOS); the arms of a prompt "
+             f"{'ran at the same time' if all(r.get('concurrent') for r in records) else 'ran one after the other (order rotated)'}; "
+             f"load average (1/5/15 min) before "
              f"{tuple(round(x, 2) for x in load_before)}, after {tuple(round(x, 2) for x in load_after)} on a 2-core machine "
              "shared with other jobs. Speedup = ratio of the CLI's decode tokens/s to plain decoding of the same prompt in the "
              "same run, geometric mean per category. `auto`: default warm start; `auto_cold`: `--no-spec-warm`.", "",
