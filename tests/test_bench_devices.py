@@ -121,3 +121,14 @@ def test_spec_suite_runs_on_cuda(tmp_path, bench_folder, monkeypatch):
     run_spec_suite(tmp_path, model=bench_folder, device="cuda", dtype="bfloat16")
     rows = rows_of(tmp_path)
     assert rows and all(r["device"].startswith("cuda") and r["dtype"] == "bfloat16" for r in rows)
+
+
+def test_cost_measurement_creates_nothing_off_the_model_device():
+    """The speculator's cost curve (drawn on the host for the same ids everywhere, then moved)."""
+    from conftest import tiny_llama
+    from tokensift.speculative import measure_cost
+
+    model = tiny_llama()
+    with torch.device("meta"):
+        cost = measure_cost(model, context=64, sizes=(1, 2, 4), repeats=1)
+    assert set(cost.body) >= {1, 2, 4}

@@ -512,7 +512,8 @@ class SelectingCache(Cache):
         not supported (speculation needs full-attention layers).
         """
         if not isinstance(indices, torch.Tensor):  # once for every layer (a tensor stays on its device)
-            indices = torch.as_tensor(indices, dtype=torch.long)
+            device = next((layer.device for layer in self.selecting_layers if layer.is_initialized), None)
+            indices = torch.as_tensor(indices, dtype=torch.long, device=device)
         for layer in self.layers:
             if isinstance(layer, SelectingLayer):
                 layer.keep_new_tokens(new, indices)

@@ -184,7 +184,7 @@ def _mean(values):
 
 def _geomean(values):
     values = [v for v in values if v == v and v > 0]
-    return float(torch.tensor(values).log().mean().exp()) if values else float("nan")
+    return statistics.geometric_mean(values) if values else float("nan")
 
 
 def run_spec_suite(out_dir: Path, model: str | None = None, device: str | None = None, dtype: str | None = None) -> None:

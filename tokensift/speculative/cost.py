@@ -130,10 +130,11 @@ def measure_cost(model, context: int = 512, sizes=SIZES, head_rows=HEAD_ROWS, re
     device = model_device(model)
     cache = make_cache(model, build_policy("full"))
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(10, config.vocab_size, (1, context + max(sizes)), generator=generator).to(device)
+    host = generator.device  # drawn on the host (the same ids on every device), then moved
+    ids = torch.randint(10, config.vocab_size, (1, context + max(sizes)), generator=generator, device=host).to(device)
     model.model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
     head_layer = model.get_output_embeddings()
-    hidden = torch.randn(1, max(head_rows), config.hidden_size).to(device, head_layer.weight.dtype)
+    hidden = torch.randn(1, max(head_rows), config.hidden_size, device=host).to(device, head_layer.weight.dtype)
     jobs = {}
     for q in sizes:
         tree = DraftTree.chain(int(ids[0, context]), ids[0, context + 1:context + q].tolist())

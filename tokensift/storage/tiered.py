@@ -133,7 +133,7 @@ class TieredLayer(SelectingLayer):
         self._refresh_views()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.batch_select_indices(torch.arange(self.mask.shape[0]).repeat_interleave(repeats))
+        self.batch_select_indices(torch.arange(self.mask.shape[0], device=self.mask.device).repeat_interleave(repeats))
 
     # ------------------------------------------------------------- metadata
     def _implicit(self) -> dict:
