@@ -345,6 +345,34 @@ def test_found_examples(scenario):
     run(scenario, scenario.prompts(), scenario.policy())
 
 
+@st.composite
+def tiered_scenarios(draw, folder: str):
+    """``tiered`` with its own settings drawn too: sketch bits and group, rotation, tier kind,
+    refresh, quantized windows (Gemma 3), over the usual batches, prefills and decode steps."""
+    lengths = draw(st.lists(st.integers(1, 400), min_size=1, max_size=4))
+    params = dict(k=draw(st.integers(1, 80)), n_sink=draw(st.integers(0, 4)), window=draw(st.integers(0, 8)),
+                  interval=draw(st.integers(1, 3)), group=draw(st.sampled_from([1, 3, 16, 32, 128])),
+                  bits=draw(st.sampled_from([2, 4, 8])), rotate=draw(st.booleans()),
+                  tier=draw(st.sampled_from(["file", "host"])), tier_dir=folder, refresh=draw(st.integers(1, 3)),
+                  window_bits=draw(st.sampled_from([0, 2, 4, 8])), window_group=draw(st.sampled_from([8, 16, 64])))
+    chunk = draw(st.one_of(st.none(), st.integers(max(1, max(lengths) // 8), max(lengths))))
+    return Scenario(draw(st.sampled_from(sorted(TINY_MODELS))), "tiered", params, lengths, chunk,
+                    draw(st.integers(1, 40)), draw(st.integers(0, 2**16)))
+
+
+TIER_FOLDER = os.path.join(os.environ.get("TMPDIR", "/tmp"), "tokensift-fuzz-tier")
+
+
+@settings(max_examples=EXAMPLES or 10)
+@given(tiered_scenarios(TIER_FOLDER))
+def test_tiered_invariants_hold_after_every_forward(scenario):
+    policy = build_or_skip(scenario)
+    try:
+        run(scenario, scenario.prompts(), policy)
+    except TokensiftError as error:
+        assert "\n" not in str(error)
+
+
 @pytest.mark.parametrize("tier", ["file", "host"])
 @pytest.mark.parametrize("name", sorted(TINY_MODELS))
 def test_tiered_bytes_are_the_tensors_held(name, tier, tmp_path):

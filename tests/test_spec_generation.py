@@ -100,6 +100,20 @@ CYCLE = "é日🙂жa"  # 12 distinct bytes: characters of 2, 3, 4 and 1 bytes
 PROMPT = CYCLE * 4
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_generation_settings_on_cuda():
+    """The same settings on CUDA (fp32): speculation equals plain decoding there too."""
+    model, ids = peaked_model().to("cuda"), repetitive_prompt()
+    for options in (dict(repetition_penalty=1.3), dict(temperature=1.5, top_k=4, seed=2)):
+        spec = speculative(model, "auto", 10, ids, max_new_tokens=20, **options)
+        assert spec.token_ids == plain(model, ids, max_new_tokens=20, **options)
+    free = plain(model, ids, max_new_tokens=20)
+    stop = TinyTokenizer().decode(free[8:10])
+    assert speculative(model, "auto", 10, ids, max_new_tokens=20, stop_strings=[stop]).token_ids == \
+        plain(model, ids, max_new_tokens=20, stop_strings=[stop])
+
+
 @pytest.fixture(scope="module")
 def cycle_folder(tmp_path_factory) -> str:
     """A tiny Llama over byte tokens built as a bigram machine that continues ``CYCLE`` byte by byte

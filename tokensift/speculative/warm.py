@@ -68,6 +68,8 @@ def training_prompts(tokenizer) -> list[str]:
     essays = [e for e in essay_texts() if len(e) > 3300]
 
     def chat(*turns):
+        if not getattr(tokenizer, "chat_template", None):  # a base model: the turns as plain text
+            return "\n\n".join(content for _, content in turns)
         messages = [{"role": role, "content": content} for role, content in turns]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
