@@ -67,8 +67,10 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def synchronize(device: torch.device | str) -> None:
-    """Wait for the work queued on ``device`` (a no-op on the CPU)."""
+def synchronize(device: torch.device | str | None) -> None:
+    """Wait for the work queued on ``device`` (a no-op on the CPU, or for None)."""
+    if device is None:
+        return
     device = torch.device(device)
     if device.type == "cpu":
         return
@@ -78,7 +80,7 @@ def synchronize(device: torch.device | str) -> None:
         sync()
 
 
-def clock(device: torch.device | str = "cpu") -> float:
+def clock(device: torch.device | str | None = None) -> float:
     """``time.perf_counter()`` after the device's queued work is done (use for every timer)."""
     synchronize(device)
     return time.perf_counter()

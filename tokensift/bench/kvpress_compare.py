@@ -178,7 +178,7 @@ def model_files(model: str | None) -> tuple[Path, Path | None]:
 
 def write_job(instances_path: Path, runs: list[dict], rows_path: Path, job_path: Path, threads: int,
               separate: bool = False, done: list[str] | None = None, model: str | None = None,
-              device: str = "cpu", dtype: str = "float32") -> Path:
+              device: str | None = None, dtype: str | None = None) -> Path:
     """The json the worker reads (``done``: ``key|press|keep_ratio`` pairs it skips)."""
     gguf, tokenizer_dir = model_files(model)
     job = {
@@ -228,8 +228,8 @@ def run(
     timeout_s: float | None = None,
     separate: bool = False,
     model: str | None = None,
-    device: str = "cpu",
-    dtype: str = "float32",
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> list[dict]:
     """Run kvpress ``presses`` at each kept fraction in ``ratios`` on the instances; score rows.
 

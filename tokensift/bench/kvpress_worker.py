@@ -4,7 +4,7 @@ This file runs inside the kvpress virtualenv (old transformers pinned by kvpress
 import tokensift. It reads a job json::
 
     {"instances": "tasks.jsonl", "out": "rows.jsonl", "gguf": "/path/model.gguf",
-     "tokenizer": "/optional/tokenizer/dir", "threads": 2, "device": "cpu", "dtype": "float32",
+     "tokenizer": "/optional/tokenizer/dir", "threads": 2, "device": "cuda:0", "dtype": "bfloat16",
      "runs": [{"press": "snapkv", "keep_ratio": 0.125, "compression_ratio": 0.875}, ...]}
 
 and writes one jsonl row per (instance, run). Protocol (query-agnostic, as kvpress's pipeline
@@ -64,13 +64,15 @@ def press_factories() -> dict:
     }
 
 
-def load_model(gguf: Path, tokenizer_dir: str | None, device: str = "cpu", dtype: str = "float32"):
-    """The model (SDPA; fp32 on the CPU unless the job says otherwise) and tokenizer, read from the GGUF file."""
+def load_model(gguf: Path, tokenizer_dir: str | None, device: str | None = None, dtype: str | None = None):
+    """The model (SDPA; where and in what the job says: ``device``/``dtype``, default fp32 where
+    transformers loads it) and tokenizer, read from the GGUF file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(
-        gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype), attn_implementation="sdpa"
-    ).to(device).eval()
+        gguf.parent, gguf_file=gguf.name, dtype=getattr(torch, dtype) if dtype else torch.float32, attn_implementation="sdpa"
+    )
+    model = (model.to(device) if device else model).eval()
     if tokenizer_dir:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
@@ -339,7 +341,7 @@ def main(job_path: str) -> int:
     torch.set_num_threads(int(job.get("threads", 2)))
     instances = [json.loads(line) for line in Path(job["instances"]).read_text().splitlines() if line.strip()]
     started = time.perf_counter()
-    model, tokenizer = load_model(Path(job["gguf"]), job.get("tokenizer"), job.get("device", "cpu"), job.get("dtype", "float32"))
+    model, tokenizer = load_model(Path(job["gguf"]), job.get("tokenizer"), job.get("device"), job.get("dtype"))
     factories = press_factories()
     stamp = {**versions(), "load_s": round(time.perf_counter() - started, 1),
              "device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}

@@ -28,7 +28,7 @@ import statistics
 
 import torch
 
-from tokensift.devices import clock, model_device, run_fields
+from tokensift.devices import clock, model_device, resolve_device, run_fields
 from tokensift.policies import build_policy
 from tokensift.sparse import gather_attend, read_stats, sparse_layer_class
 
@@ -56,9 +56,9 @@ def interleaved_medians(cases: dict, repeats: int, warmup: int = 2, device=None)
     times: dict[str, list[float]] = {name: [] for name in cases}
     for _ in range(repeats):
         for name, fn in cases.items():
-            start = clock(device or "cpu")
+            start = clock(device)
             fn()
-            times[name].append(clock(device or "cpu") - start)
+            times[name].append(clock(device) - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -99,7 +99,7 @@ def full_sdpa(query, key, value, scaling):
 
 
 def kernel_rows(repeats: int, threads: int, device=None) -> list[dict]:
-    device = torch.device(device or "cpu")
+    device = resolve_device(device)
     rows = []
     for shape_name, (q_heads, kv_heads, dim) in SHAPES.items():
         for length in CONTEXTS:

@@ -121,7 +121,7 @@ class _Timeline:
     """Times at which new tokens arrive (a streamer for transformers, a callback for ours)."""
 
     def __init__(self, skip_first_put: bool, device=None):
-        self.skip, self.events, self.device = skip_first_put, [], device or "cpu"
+        self.skip, self.events, self.device = skip_first_put, [], device
 
     def put(self, value) -> None:
         if self.skip:
