@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -45,7 +46,7 @@ def tiny_folder(tmp_path_factory):
     tokenizer = default_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048)
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192)
     model = LlamaForCausalLM(config).eval()
     model.generation_config.eos_token_id = None  # random weights: every request runs to max_tokens
     folder = tmp_path_factory.mktemp("ray_serve") / "model"
@@ -143,3 +144,17 @@ def test_replica_flags_and_a_missing_ray_are_one_line_errors(monkeypatch):
         require_ray("tokensift bench --ray")
     assert str(error.value) == ("tokensift bench --ray needs Ray (ray is missing): pip install 'tokensift[ray]' "
                                 "(or pip install -r requirements-ray.txt)")
+
+
+def test_a_client_that_goes_away_frees_its_replica_slot(server):
+    """Ray Serve cancels the handler of a client that disconnected: the replica stops decoding for it
+    (8,000 tokens would keep it busy far longer than the 15 s allowed)."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server + "/v1/completions", timeout=3,
+                   json={"model": "tiny", "prompt": PROMPT, "max_tokens": 8000, "temperature": 0})
+    gone, running = time.monotonic(), {}
+    while len(running) < 2 or any(running.values()):
+        assert time.monotonic() - gone < 15, f"a replica still decodes for the client that left: {running}"
+        reply = httpx.get(server + "/health", timeout=5)
+        running[reply.headers[REPLICA_HEADER]] = reply.json()["running"] + reply.json()["queued"]
+        time.sleep(0.2)

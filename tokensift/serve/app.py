@@ -101,11 +101,16 @@ def create_app(model, tokenizer, model_name: str, defaults: ServerDefaults | Non
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
             return EventSourceResponse(stream(request, events, reply, include_usage), ping=15)
-        return await collect(request, events, reply, http)
+        try:
+            return await collect(request, events, reply, http)
+        finally:
+            request.cancel()  # a no-op once finished; frees the slot when the handler is cancelled (Ray Serve, on disconnect)
 
     async def collect(request: Request, events: asyncio.Queue, reply: "Reply", http: HttpRequest):
         texts, reasons = [""] * request.job.n, [None] * request.job.n
         while True:
+            if asyncio.current_task().cancelling():  # Python 3.11's wait_for drops a cancel that lands as an event does
+                raise asyncio.CancelledError
             try:
                 event = await asyncio.wait_for(events.get(), timeout=1.0)
             except asyncio.TimeoutError:

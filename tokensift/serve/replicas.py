@@ -9,6 +9,7 @@ are the answering replica's own; every response names its replica in ``x-tokensi
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import time
 
@@ -80,6 +81,11 @@ def start_replicas(application, host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+def interrupt(signum, frame) -> None:
+    """SIGTERM handler: stop like Ctrl-C."""
+    raise KeyboardInterrupt
+
+
 def run_replicas(model_name, host: str, port: int, defaults, *, replicas: int, address: str | None,
                  replica_cpus: float = 1.0, threads: int | None = None, served_name: str | None = None,
                  app_options: dict | None = None, load_options: dict | None = None) -> None:
@@ -100,6 +106,7 @@ def run_replicas(model_name, host: str, port: int, defaults, *, replicas: int, a
     with ray_cluster(address or "local", "tokensift serve --replicas", serve=True):
         from ray import serve
 
+        signal.signal(signal.SIGTERM, interrupt)  # a terminated server also takes its app off the cluster
         try:
             url = start_replicas(application, host, port)
             print(f"tokensift: {replicas} replica(s) of {served_name or model_name or 'smollm2'} serving at {url} "
