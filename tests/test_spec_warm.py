@@ -137,3 +137,72 @@ def test_spec_report_has_a_separate_heldout_table(tmp_path):
     suite, heldout = (tmp_path / "report.md").read_text().split("## Held-out split")
     assert "| code | 2.00 | 10.00 | 12.00 | 8.00 | 20.00 | 2.00x |" in suite
     assert "| code | 2.00 | 10.00 | 12.00 | 8.00 | 15.00 | 1.50x |" in heldout
+
+
+def test_warm_start_builds_once_then_loads(tmp_path, monkeypatch):
+    from tokensift.speculative import warm
+
+    model, tokenizer = tiny_llama(), TinyTokenizer()
+    texts = [" ".join(map(str, random_ids(14, seed=s)[0].tolist() * 2)) for s in range(3)]
+    monkeypatch.setattr(warm, "training_prompts", lambda tok: texts)
+    path, notes = tmp_path / "warm.npz", []
+    first = Speculator(model, "auto", cost=CHEAP)
+    sequences = warm.warm_start(first, tokenizer, path, log=notes.append)
+    assert path.is_file() and len(sequences) == 3 and len(notes) == 1  # built, and said so
+    second = Speculator(model, "auto", cost=CHEAP)
+    assert warm.warm_start(second, tokenizer, path, log=notes.append) == sequences and len(notes) == 1  # loaded only
+    assert second.stats.table and (second.drafter("recycling").adjacency >= 0).any()
+
+
+def run_generate_cli(monkeypatch, capsys, *args):
+    from tokensift import cli
+
+    monkeypatch.setattr("tokensift.models.load_model", lambda *a, **k: (tiny_llama(), TinyTokenizer()))
+    monkeypatch.setattr("sys.argv", ["tokensift", "generate", "--prompt", "5 6 7 8 5 6 7", "--max-new-tokens", "8", "--json", *args])
+    try:
+        cli.main()
+    except SystemExit as exit_info:
+        assert exit_info.code in (0, None), capsys.readouterr().err
+    out = capsys.readouterr()
+    return json.loads(out.out.strip().splitlines()[-1])
+
+
+def test_cli_spec_state_and_default_warm_start(tmp_path, monkeypatch, capsys):
+    """--spec-state saves the whole state; without it the cache folder's warm start is loaded
+    (--no-spec-warm skips it); every way gives plain decoding's tokens."""
+    from tokensift.speculative import warm
+
+    monkeypatch.setenv("TOKENSIFT_CACHE", str(tmp_path / "cache"))
+    plain = run_generate_cli(monkeypatch, capsys)["token_ids"]
+    state = tmp_path / "mine.npz"
+    assert run_generate_cli(monkeypatch, capsys, "--speculate", "auto", "--no-spec-warm", "--spec-state", str(state))["token_ids"] == plain
+    assert load_state(Speculator(tiny_llama(), "auto", cost=CHEAP), state)  # the prompt + output were kept
+    loaded = []
+    real_load = warm.load_state
+    monkeypatch.setattr(warm, "load_state", lambda spec, path: loaded.append(path) or real_load(spec, path))
+    save_state(trained(tiny_llama(), TinyTokenizer(), 2)[0], warm.default_state_path(tiny_llama()))
+    assert run_generate_cli(monkeypatch, capsys, "--speculate", "auto")["token_ids"] == plain
+    assert loaded == [warm.default_state_path(tiny_llama())]
+    assert run_generate_cli(monkeypatch, capsys, "--speculate", "auto", "--no-spec-warm")["token_ids"] == plain
+    assert len(loaded) == 1
+
+
+def test_spec_fresh_report_splits_and_ratios(tmp_path):
+    from tokensift.bench.spec_fresh import write_report
+
+    def row(split, category, i, arm, rate, ids):
+        return {"split": split, "category": category, "prompt": f"{split}-{category}-{i}", "arm": arm, "repeat": 0,
+                "tokens_per_second": rate, "accepted_per_step": None if arm == "plain" else 1.5, "token_ids": ids,
+                "concurrent": True}
+
+    records = []
+    for split, auto in (("suite", 16.0), ("heldout", 12.0)):
+        for i in range(2):
+            records += [row(split, "qa", i, "plain", 10.0, [1, 2]), row(split, "qa", i, "auto", auto, [1, 2]),
+                        row(split, "qa", i, "auto_cold", 11.0, [1, 3] if split == "heldout" and i else [1, 2])]
+    write_report(tmp_path, records, (0, 0, 0), (0, 0, 0), 128, 1)
+    text = (tmp_path / "report.md").read_text()
+    suite, heldout = text.split("## Held-out split")
+    assert "| qa | 2 | 10.00 | 16.00 | 11.00 | 1.50 | 1.50 | 1.60x | 1.10x | 1.45x |" in suite
+    assert "| qa | 2 | 10.00 | 12.00 | 11.00 | 1.50 | 1.50 | 1.20x | 1.10x | 1.09x |" in heldout
+    assert "Greedy outputs identical to plain: 7/8 runs." in text and "ran at the same time" in text
