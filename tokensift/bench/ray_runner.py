@@ -43,7 +43,7 @@ class BenchWorker:
 
         torch.set_num_threads(threads)
         self.config = BenchConfig(**fields)
-        self.model, self.tokenizer = load_model(self.config.model)
+        self.model, self.tokenizer = load_model(self.config.model, device=self.config.device, dtype=self.config.dtype)
         self.settings = settings_for(self.config)
 
     def run(self, job: Job, rows: list[dict], reports) -> None:
