@@ -139,6 +139,8 @@ def test_replica_flags_and_a_missing_ray_are_one_line_errors(monkeypatch):
 
     with pytest.raises(TokensiftError, match="--replicas must be >= 1"):
         run_replicas(None, "127.0.0.1", 8000, ServerDefaults(), replicas=0, address=None)
+    with pytest.raises(TokensiftError, match="no Ray cluster answers at 127.0.0.1:1"):
+        run_replicas(None, "127.0.0.1", 8000, ServerDefaults(), replicas=2, address="127.0.0.1:1")
     monkeypatch.setitem(sys.modules, "ray", None)  # as if the ray extra were not installed
     with pytest.raises(TokensiftError) as error:
         require_ray("tokensift bench --ray")

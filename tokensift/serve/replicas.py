@@ -90,7 +90,7 @@ def run_replicas(model_name, host: str, port: int, defaults, *, replicas: int, a
                  replica_cpus: float = 1.0, threads: int | None = None, served_name: str | None = None,
                  app_options: dict | None = None, load_options: dict | None = None) -> None:
     """Serve ``replicas`` copies of the model on Ray (``address`` None: a local Ray) until Ctrl-C."""
-    from tokensift.ray_cluster import ray_cluster, require_ray
+    from tokensift.ray_cluster import check_address, ray_cluster, require_ray
 
     if replicas < 1 or replica_cpus <= 0:
         raise TokensiftError(f"--replicas must be >= 1 and --replica-cpus > 0 (got {replicas}, {replica_cpus})")
@@ -99,6 +99,7 @@ def run_replicas(model_name, host: str, port: int, defaults, *, replicas: int, a
     except ImportError as error:
         raise TokensiftError(f"tokensift serve needs the serve extra ({error.name} is missing): "
                              "pip install -r requirements-serve.txt") from None
+    check_address(address or "local", "tokensift serve --replicas")  # before Ray's slow import
     require_ray("tokensift serve --replicas", serve=True)
     load = {"threads": threads or max(1, int(replica_cpus)), **(load_options or {})}
     application = replica_app(model_name, served_name or model_name or "smollm2", defaults, replicas=replicas,
