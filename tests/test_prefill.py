@@ -229,3 +229,26 @@ def test_cli_errors_are_one_line(monkeypatch, capsys, args, fragment):
 def test_registry_lists_the_papers():
     assert {"full", "lazyllm", "gemfilter"} <= set(PREFILLS)
     assert "2407.14057" in PREFILLS["lazyllm"].paper and "2409.17422" in PREFILLS["gemfilter"].paper
+
+
+# ------------------------------------------------------------------ ttft suite
+def test_ttft_suite_expressions_rows_and_report(tmp_path):
+    import json
+
+    from tokensift.bench.ttft_suite import parse_prefill, rows_of, write_report
+
+    tuned = parse_prefill("gemfilter(layer=0.7,rows=16)")
+    assert (tuned.layer, tuned.rows, tuned.top_k) == (0.7, 16, 1024)
+    assert parse_prefill("lazyllm(layers=0.3;0.6,keep=0.5;0.25)").keep == (0.5, 0.25)
+    with pytest.raises(TokensiftError, match="key=value"):
+        parse_prefill("lazyllm(fast)")
+    built = {"full": parse_prefill("full"), "lazyllm": parse_prefill("lazyllm")}
+    record = {"full": {"scores": [1.0, 0.0], "ttft": [10.0, 12.0], "prefill": [9.9, 11.9], "kept": [100, 100]},
+              "lazyllm": {"scores": [1.0, 1.0], "ttft": [5.0, 3.0], "prefill": [4.9, 2.9], "kept": [40, 40]}}
+    rows = rows_of(record, built, "niah", "query_aware", 4096, {"model": "tiny"})
+    lazy = next(r for r in rows if r["prefill"] == "lazyllm")
+    assert lazy["speedup_vs_full"] == pytest.approx((2.0 * 4.0) ** 0.5) and lazy["score"] == 1.0
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(tmp_path)
+    report = (tmp_path / "report.md").read_text()
+    assert "| niah | lazyllm | 1.00 | +50 |" in report and "2.83x" in report
