@@ -120,6 +120,10 @@ def run_spec_fresh(out_dir: Path, model: str | None = None, device: str = "cpu",
     write_report(out_dir, records, load_before, os.getloadavg(), new_tokens, threads)
 
 
+def _cell(value: float, suffix: str = "") -> str:
+    return "-" if value != value else f"{value:.2f}{suffix}"
+
+
 def write_report(out_dir: Path, records: list[dict], load_before, load_after, new_tokens: int, threads: int) -> None:
     by = {(r["prompt"], r["arm"], r.get("repeat", 0)): r for r in records}
     arms = list(dict.fromkeys(r["arm"] for r in records))
@@ -167,9 +171,9 @@ def write_report(out_dir: Path, records: list[dict], load_before, load_after, ne
                 row = {p: _geomean(ratios(*p, sel)) for p in pairs}
                 cat_rows[category] = row
             count = len({r["prompt"] for r in sel})
-            lines.append(f"| {category} | {count} | " + " | ".join(f"{_mean([r['tokens_per_second'] for r in sel if r['arm'] == a]):.2f}" for a in arms)
-                         + " | " + " | ".join(f"{_mean([r['accepted_per_step'] or float('nan') for r in sel if r['arm'] == a]):.2f}" for a in arms if a != "plain")
-                         + " | " + " | ".join(f"{row[p]:.2f}x" for p in pairs) + " |")
+            lines.append(f"| {category} | {count} | " + " | ".join(_cell(_mean([r['tokens_per_second'] for r in sel if r['arm'] == a])) for a in arms)
+                         + " | " + " | ".join(_cell(_mean([r['accepted_per_step'] or float('nan') for r in sel if r['arm'] == a])) for a in arms if a != "plain")
+                         + " | " + " | ".join(_cell(row[p], "x") for p in pairs) + " |")
         lines.append("")
     lines += ["Per prompt (tok/s; ratio to plain):", "", "| split | prompt | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
     for key in dict.fromkeys((r["split"], r["prompt"], r.get("repeat", 0)) for r in records):
