@@ -6,7 +6,8 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
 from tokensift import banded
 from tokensift.bench.replay import record_prefill, replay
-from tokensift.cache import SelectingLayer, WindowLayer, make_cache
+from tokensift.cache import SelectingLayer, WindowLayer
+from tokensift.engine import make_cache
 from tokensift.policies import build_policy
 from tokensift.policies.pyramidkv import pyramid_budgets
 
@@ -241,7 +242,7 @@ def test_cli_bench_passes_the_model_to_every_language_model_suite(monkeypatch, c
     from tokensift import cli
 
     seen = {}
-    monkeypatch.setattr("tokensift.bench.runner.run_bench", lambda config, out, workers=1: seen.setdefault("config", config))
+    monkeypatch.setattr("tokensift.bench.runner.run_bench", lambda config, out, workers=1, ray=None: seen.setdefault("config", config))
     monkeypatch.setattr("tokensift.bench.sparse_speed.run_sparse_speed", lambda out, **kw: seen.setdefault("sparse", kw))
 
     def run(*args):
@@ -257,6 +258,6 @@ def test_cli_bench_passes_the_model_to_every_language_model_suite(monkeypatch, c
     seen.clear()
     assert run("--suite", "quick", "--model", "gemma3") == 0 and seen["config"].model == "gemma3"
     assert run("--suite", "sparse-speed", "--model", "gemma3", "--lengths", "16384") == 0
-    assert seen["sparse"] == {"model": "gemma3", "lengths": [16384]}
+    assert seen["sparse"] == {"model": "gemma3", "lengths": [16384], "device": "cpu", "dtype": "float32"}
     assert run("--suite", "vision", "--model", "gemma3") == 2
     assert "not a language model" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from tokensift.bench.runner import BenchConfig, read_rows, run_bench
 
 ray = pytest.importorskip("ray")  # the ray extra (requirements-ray.txt)
 
-TIMING = {"wall_seconds_group"}  # row fields that measure time, not results
+TIMING = {"wall_seconds_group", "machine"}  # row fields that describe the run (time, threads), not results
 ARGS = dict(policies=["full", "snapkv", "tova"], budgets=[64], lengths=[600], samples=2,
             tasks=["niah", "vt", "niah_multikey", "ppl", "fidelity"])
 
