@@ -29,7 +29,7 @@ def best(fn, rounds):
 
 
 def main():
-    from tokensift.cache import make_cache
+    from tokensift.engine import make_cache
     from tokensift.kernels import packed_linears
     from tokensift.models import load_model
     from tokensift.policies import build_policy

@@ -17,7 +17,7 @@ torch.set_num_threads(1)
 
 
 def main(rounds: int = 12):
-    from tokensift.cache import make_cache
+    from tokensift.engine import make_cache
     from tokensift.kernels import packed_linears
     from tokensift.models import load_model
     from tokensift.policies import build_policy

@@ -10,7 +10,7 @@ from conftest import random_ids, tiny_llama
 from tokensift.bench.metrics import matching_prefix, mean_kl
 from tokensift.bench.replay import merge_caches, record_prefill, replay
 from tokensift.bench.runner import BenchConfig, greedy_tokens, run_bench
-from tokensift.cache import make_cache
+from tokensift.engine import make_cache
 from tokensift.policies import POLICIES, build_policy
 
 

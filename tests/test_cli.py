@@ -81,7 +81,7 @@ def test_build_policy_converts_strings():
 
 def test_package_exports_the_entry_points():
     import tokensift
-    from tokensift.cache import make_cache
+    from tokensift.engine import make_cache
     from tokensift.models import load_model
     from tokensift.policies import build_policy
 

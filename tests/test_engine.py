@@ -6,7 +6,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from conftest import random_ids, tiny_llama
-from tokensift.cache import SelectingLayer, make_cache
+from tokensift.cache import SelectingLayer
+from tokensift.engine import make_cache
 from tokensift.generate import generate
 from tokensift.policies import POLICIES, build_policy
 

@@ -18,8 +18,8 @@ import tokensift
 from conftest import random_ids, tiny_llama, tiny_qwen2
 from tokensift import cli
 from tokensift.attention import NAME
-from tokensift.cache import make_cache
 from tokensift.devices import clock, resolve_device, resolve_dtype
+from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.generate import generate
 from tokensift.hooks import HOOK_FLAG

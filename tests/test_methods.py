@@ -5,7 +5,7 @@ import torch
 
 from conftest import random_ids, tiny_llama
 from test_engine import reference_logits
-from tokensift.cache import make_cache
+from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.generate import generate
 from tokensift.policies import build_policy

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import random_ids, tiny_llama
-from tokensift.cache import make_cache
+from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.policies import build_policy
 from tokensift.quant import (

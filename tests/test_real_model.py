@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tokensift import cli
-from tokensift.cache import make_cache
+from tokensift.engine import make_cache
 from tokensift.generate import generate
 from tokensift.models import load_model
 from tokensift.policies import build_policy

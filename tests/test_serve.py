@@ -14,7 +14,7 @@ import torch
 
 from conftest import TinyTokenizer, tiny_llama
 from serve_helpers import RunningServer
-from tokensift.cache import make_cache
+from tokensift.engine import make_cache
 from tokensift.generate import Decoder, generate
 from tokensift.policies import build_policy
 from tokensift.serve.app import create_app

@@ -5,7 +5,7 @@ import torch
 from transformers import DynamicCache
 
 from conftest import TinyTokenizer, random_ids, tiny_llama
-from tokensift.cache import make_cache
+from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.generate import generate
 from tokensift.policies import POLICIES, build_policy

@@ -8,7 +8,7 @@ import torch
 from conftest import TinyTokenizer, random_ids, tiny_llama, tiny_qwen2
 
 from tokensift import cli
-from tokensift.cache import make_cache
+from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.generate import generate
 from tokensift.policies import build_policy

@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "load_model": "tokensift.models",
     "build_policy": "tokensift.policies",
-    "make_cache": "tokensift.cache",
+    "make_cache": "tokensift.engine",
     "apply": "tokensift.integration",
     "TokensiftPipeline": "tokensift.integration",
 }

@@ -1,5 +1,8 @@
 """The ``tokensift`` attention function, registered through transformers' AttentionInterface.
 
+The layer is found from the call itself: the selecting cache the attention module was given
+(recorded on the module by the hook :func:`tokensift.hooks.install_cache_hooks`) at the module's
+``layer_idx``; no cache, or a layer of transformers' own (sliding window), takes the stock path.
 While a layer holds exactly what a plain cache would, it defers to transformers' own SDPA
 function (so the ``full`` policy is bit-identical to plain ``generate``). Otherwise the layer
 attends itself (``SelectingLayer.attend``: a mask from its own per-token validity and true
@@ -15,7 +18,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tokensift.banded import banded_attention, wants_banded
-from tokensift.cache import SelectingLayer, take_last_updated
+from tokensift.cache import SelectingLayer
+from tokensift.hooks import selecting_layer
 from tokensift.scoring import AttentionView
 
 NAME = "tokensift"
@@ -60,7 +64,7 @@ def tokensift_attention(module, query, key, value, attention_mask, scaling=None,
     """Attention for the selecting cache (see module docstring)."""
     if PREFILL_WATCH[0] is not None:
         PREFILL_WATCH[0](module, query, key, scaling)
-    layer = take_last_updated(key)
+    layer = selecting_layer(module)  # cache.layers[module.layer_idx] of the selecting cache this call was given
     if layer is None:
         window = kwargs.pop("sliding_window", None)
         if wants_banded(query, key, attention_mask, window):  # long prefill on a sliding layer: O(n·window)

@@ -24,17 +24,6 @@ GROWTH_FRACTION = 16  # spare room: 1/16 of the layer (at least SMALL_APPEND slo
 # cache.shared key of a pruning prefill's current token subset (tokensift.prefill.subset.Subset)
 SUBSET = "prefill_subset"
 
-# The layer whose ``update`` ran last: the attention function picks it up right after.
-_LAST_UPDATED: list = [None]
-
-
-def take_last_updated(key: torch.Tensor) -> SelectingLayer | None:
-    """Return the selecting layer that just returned ``key`` from ``update`` (once)."""
-    layer, returned = _LAST_UPDATED[0] or (None, None)
-    _LAST_UPDATED[0] = None
-    return layer if returned is key else None
-
-
 def _lazy_metadata(name: str) -> property:
     """A per-token metadata tensor that is brought up to date (see ``materialize``) when read."""
     private = "_" + name
@@ -129,7 +118,6 @@ class SelectingLayer(CacheLayerMixin):
         else:
             self._append_metadata(batch, heads, self.seen, new, spare)
         self.seen += new
-        _LAST_UPDATED[0] = (self, self.keys)
         return self.keys, self.values
 
     def _update_subset(self, key_states: torch.Tensor, value_states: torch.Tensor, subset):
@@ -149,7 +137,6 @@ class SelectingLayer(CacheLayerMixin):
         self.seen = subset.total
         self.compressed = new < subset.total
         self.subset_positions = positions
-        _LAST_UPDATED[0] = (self, self.keys)
         return self.keys, self.values
 
     def _append_metadata(self, batch: int, heads: int, start: int, new: int, spare: int) -> None:
@@ -430,8 +417,9 @@ class SelectingLayer(CacheLayerMixin):
 class SelectingCache(Cache):
     """A transformers ``Cache`` whose full-attention layers keep only what a policy selects.
 
-    Use it as ``model.generate(..., past_key_values=SelectingCache(model.config, policy))``
-    on a model whose attention implementation is ``"tokensift"`` (see :func:`make_cache`).
+    Build it with :func:`tokensift.engine.make_cache` (which also switches the model to the
+    ``"tokensift"`` attention function and installs the hooks through which each attention call
+    finds its layer), then ``model.generate(..., past_key_values=cache)``.
     """
 
     def __init__(self, config, policy: Policy):
@@ -565,20 +553,6 @@ def _element_size(layer) -> int:
         return size
     keys = getattr(layer, "keys", None)
     return 2 if keys is None else keys.element_size()
-
-
-def make_cache(model, policy: Policy) -> SelectingCache:
-    """A selecting cache for ``model``; switches the model to the tokensift attention function."""
-    from tokensift.attention import use_tokensift_attention
-    from tokensift.hooks import install_input_ids_hook
-
-    use_tokensift_attention(model)
-    install_input_ids_hook(model)  # cache.shared["input_ids"] for policies that read token ids
-    cache = SelectingCache(model.config, policy)
-    prepare = getattr(policy, "prepare", None)  # once per cache, with the model (e.g. calibration)
-    if prepare is not None:
-        prepare(model)
-    return cache
 
 
 def _metadata_can_wait(layer: SelectingLayer, policy: Policy) -> bool:

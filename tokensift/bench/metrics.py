@@ -80,7 +80,7 @@ def measure_cost(model, tokenizer, context_ids: list[int], policy) -> dict:
     """Real prefill under ``policy`` (timed), then ``COST_DECODE_TOKENS`` greedy decode steps."""
     import gc
 
-    from tokensift.cache import make_cache
+    from tokensift.engine import make_cache
     from tokensift.devices import clock, model_device
     from tokensift.generate import Decoder
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from tokensift.attention import after_attention, attention_view
-from tokensift.cache import SelectingCache, SelectingLayer, make_cache, take_last_updated
+from tokensift.cache import SelectingCache, SelectingLayer
+from tokensift.engine import make_cache
 from tokensift.policies import build_policy
 
 
@@ -55,11 +56,10 @@ def replay(model, policy, recording: Recording) -> SelectingCache:
     valid = torch.ones(batch, length, dtype=torch.bool, device=recording.input_ids.device)
     for index, layer in enumerate(cache.layers):
         keys, values = recording.keys[index], recording.values[index]
-        returned, _ = layer.update(keys, values)
+        layer.update(keys, values)
         if hasattr(layer, "cumulative_length"):  # a sliding-window layer was given only its window: the true count
             layer.cumulative_length = length
         if isinstance(layer, SelectingLayer):
-            take_last_updated(returned)
             layer.mark_new_tokens(valid)
             query, scaling = recording.queries[index]
             after_attention(layer, query, valid, scaling, shared_view(recording, index, layer, query, valid, scaling))

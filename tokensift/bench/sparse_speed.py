@@ -153,7 +153,7 @@ def method_cases(query, key, value, scaling) -> dict:
 # ----------------------------------------------------------------- (b) end to end
 def fork_cache(model, prefilled, policy):
     """A new cache for ``policy`` holding the prefilled full cache's tokens (tensors shared)."""
-    from tokensift.cache import make_cache
+    from tokensift.engine import make_cache
 
     from tokensift.cache import SelectingLayer
 
@@ -222,7 +222,7 @@ def end_to_end_rows(context: int, steps: int, rounds: int, threads: tuple[int, .
 
     from tokensift import attention
     from tokensift.attention import NAME
-    from tokensift.cache import make_cache
+    from tokensift.engine import make_cache
     from tokensift.models import load_model
 
     model, tokenizer = loaded or load_model(model_name, device=device, dtype=dtype)

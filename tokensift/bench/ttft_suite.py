@@ -70,7 +70,7 @@ def answer(model, cache, instance, tokenizer) -> tuple[float, float, list[int]]:
 @torch.inference_mode()
 def prefill_once(model, prefill, ids: list[int]) -> tuple[object, float, float]:
     """A full-policy cache prefilled under ``prefill``: (cache, seconds, mean tokens kept per layer)."""
-    from tokensift.cache import make_cache
+    from tokensift.engine import make_cache
     from tokensift.generate import Decoder
     from tokensift.policies import build_policy
 

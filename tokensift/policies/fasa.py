@@ -60,7 +60,7 @@ class FASA(Policy):
         """``[query_heads, chunks]`` dominant chunk indices of a layer."""
         table = getattr(self, "_dominant", None)
         if table is None:
-            raise TokensiftError("fasa: not calibrated: build the cache with tokensift.cache.make_cache(model, policy)")
+            raise TokensiftError("fasa: not calibrated: build the cache with tokensift.engine.make_cache(model, policy)")
         return table[layer_idx]
 
     # ---------------------------------------------------------------- scoring
@@ -132,7 +132,7 @@ def calibration_ids(model, count: int) -> torch.Tensor:
     try:
         from transformers import AutoTokenizer
 
-        from tokensift.bench.tasks.essays import essay_texts
+        from tokensift.data import essay_texts
 
         tokenizer = AutoTokenizer.from_pretrained(source)
         ids = tokenizer("\n\n".join(essay_texts()[:8]), add_special_tokens=False)["input_ids"][:count]
@@ -159,7 +159,7 @@ def load_or_calibrate(model, policy: FASA, key: str) -> dict[int, torch.Tensor]:
 @torch.inference_mode()
 def calibrate(model, policy: FASA) -> dict[int, torch.Tensor]:
     """Per selecting layer: ``[query_heads, chunks]`` dominant chunks (best agreement first)."""
-    from tokensift.cache import make_cache
+    from tokensift.engine import make_cache
     from tokensift.policies.registry import build_policy
 
     ids = calibration_ids(model, policy.calib_tokens)

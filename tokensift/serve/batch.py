@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from tokensift.cache import PER_SEQUENCE, SelectingCache, SelectingLayer, make_cache
+from tokensift.cache import PER_SEQUENCE, SelectingCache, SelectingLayer
+from tokensift.engine import make_cache
 
 
 def mergeable(cache: SelectingCache) -> bool:

@@ -23,8 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokensift.cache import SelectingCache, SelectingLayer, make_cache
+from tokensift.cache import SelectingCache, SelectingLayer
 from tokensift.devices import model_device
+from tokensift.engine import make_cache
 from tokensift.generate import choose_next, left_pad
 from tokensift.kernels import packed_linears
 from tokensift.serve.batch import batch_independent, mergeable, padding_mask, repack, row_lengths

@@ -122,7 +122,7 @@ def measure_cost(model, context: int = 512, sizes=SIZES, head_rows=HEAD_ROWS, re
     Rounds go over all sizes in turn and each size keeps its fastest run, so a burst of load
     from other processes hits every size alike rather than one.
     """
-    from tokensift.cache import make_cache
+    from tokensift.engine import make_cache
     from tokensift.policies import build_policy
     from tokensift.speculative.tree import DraftTree
 

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from tokensift.cache import SelectingCache, SelectingLayer, make_cache
+from tokensift.cache import SelectingCache, SelectingLayer
 from tokensift.devices import clock, model_device
+from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.generate import (
     Sampling, choose_next, encode, hits_stop_string, model_context_length, penalize_repeats, resolve_policy,

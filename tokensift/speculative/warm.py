@@ -63,7 +63,7 @@ def humaneval_problems() -> list[str]:
 
 def training_prompts(tokenizer) -> list[str]:
     """The warm start's prompts (chat template applied where the suite applies it)."""
-    from tokensift.bench.tasks.essays import essay_texts
+    from tokensift.data import essay_texts
 
     essays = [e for e in essay_texts() if len(e) > 3300]
 

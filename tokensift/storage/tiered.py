@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from tokensift.cache import _LAST_UPDATED, SelectingLayer
+from tokensift.cache import SelectingLayer
 from tokensift.storage.sketch import KeySketch
 from tokensift.storage.tier import SecondTier
 
@@ -76,7 +76,6 @@ class TieredLayer(SelectingLayer):
         self.seen += new
         self._refresh_views()
         keys, values = (key_states, value_states) if first else self.readable()
-        _LAST_UPDATED[0] = (self, keys)
         return keys, values
 
     def readable(self) -> tuple[torch.Tensor, torch.Tensor]:
