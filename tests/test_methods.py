@@ -120,7 +120,7 @@ def test_eviction_matches_masked_full_reference(tiny_model, expression):
     for block in blocks:
         layers = cache.selecting_layers
         started = layers[0].positions is not None and layers[0].positions.shape[-1] > 0
-        kept_per_block.append([(l.positions.clone(), l.valid.clone()) for l in layers] if started else None)
+        kept_per_block.append([(layer.positions.clone(), layer.valid.clone()) for layer in layers] if started else None)
         with torch.inference_mode():
             outputs.append(tiny_model(block, past_key_values=cache, use_cache=True).logits)
         ends.append((ends[-1] if ends else 0) + block.shape[1])
@@ -228,7 +228,7 @@ def test_graphkv_without_decay_is_its_inner_ranking():
         cache = make_cache(model, policy(expression))
         with torch.inference_mode():
             model(random_ids(70), past_key_values=cache, use_cache=True)
-        kept[expression] = [set(h.tolist()) for l in cache.selecting_layers for h in l.positions[0]]
+        kept[expression] = [set(h.tolist()) for layer in cache.selecting_layers for h in layer.positions[0]]
     assert kept["graphkv(snapkv, decay=0)"] == kept["snapkv"]
 
 

@@ -7,7 +7,6 @@ from transformers import DynamicCache
 
 from conftest import TinyTokenizer, random_ids, tiny_gemma3, tiny_llama, tiny_qwen2
 from tokensift import cli
-from tokensift.cache import SelectingLayer
 from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.generate import Decoder, generate

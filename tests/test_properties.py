@@ -28,7 +28,7 @@ import pytest
 import torch
 
 from conftest import TINY_MODELS
-from tokensift.cache import SelectingCache, SelectingLayer
+from tokensift.cache import SelectingCache
 from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.generate import Decoder, left_pad

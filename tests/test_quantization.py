@@ -101,7 +101,7 @@ def test_zipcache_window_stays_full_precision_and_blocks_flush_during_decode():
     layer = cache.selecting_layers[0]
     assert [block.size for block in layer.blocks] == [56, 8]  # prompt, then 8 tokens that left the window
     assert layer.tail_keys.shape[2] == 6
-    assert cache.kv_bytes == sum(held_tensor_bytes(l) for l in cache.selecting_layers)
+    assert cache.kv_bytes == sum(held_tensor_bytes(layer) for layer in cache.selecting_layers)
     reference = full.selecting_layers[0]
     assert torch.equal(layer.tail_keys, reference.keys[:, :, -6:])  # recent tokens: exact
     layer.expand()

@@ -5,7 +5,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from conftest import TinyTokenizer, random_ids, tiny_llama
 
 from tokensift.errors import TokensiftError

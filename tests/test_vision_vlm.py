@@ -39,7 +39,7 @@ def _masking_hooks(model, n, keep1, keep2=None, layer2=None):
         def hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             past = kwargs["past_key_values"].get_seq_length(i) if kwargs.get("past_key_values") is not None else 0
-            q, kv = hidden.shape[1], past + hidden.shape[1]
+            kv = past + hidden.shape[1]
             keys = torch.cat([keep, torch.ones(keep.shape[0], max(0, kv - n), dtype=torch.bool)], 1)[:, :kv]
             qpos = torch.arange(past, kv)[:, None]
             kpos = torch.arange(kv)[None, :]

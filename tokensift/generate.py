@@ -5,7 +5,6 @@ transformers ``GenerationConfig``), streaming, and a record of what was kept and
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -291,8 +290,6 @@ def generate(
     outputs: list[list[int]] = [[] for _ in range(batch)]
     decode_start = clock(device)
     for step in range(sampling.max_new_tokens):
-        if step > 0:
-            logits = decoder.forward(next_ids[:, None], torch.ones(batch, 1, dtype=torch.long, device=device))
         if seen is not None:
             logits = penalize_repeats(logits, seen, sampling.repetition_penalty)
         next_ids = choose_next(logits, sampling.temperature, sampling.top_p, generator, sampling.top_k)
@@ -311,8 +308,9 @@ def generate(
         if sampling.stop_strings:
             hits = [not done[row] and hits_stop_string(tokenizer, outputs[row], sampling.stop_strings) for row in range(batch)]
             finished |= torch.tensor(hits, dtype=torch.bool, device=device)
-        if bool(finished.all()):
+        if bool(finished.all()) or step + 1 == sampling.max_new_tokens:
             break
+        logits = decoder.forward(next_ids[:, None], torch.ones(batch, 1, dtype=torch.long, device=device))
     decode_seconds = clock(device) - decode_start
     if streamer is not None:
         streamer.end()

@@ -14,7 +14,6 @@ press hook runs on every attention layer, sliding-window layers included, at the
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 

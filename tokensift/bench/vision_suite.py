@@ -116,7 +116,9 @@ class _Data:
         from tokensift.vision.vit import run_vit, select_encoded
 
         k = round(N_PATCHES * ratio)
-        run = lambda px: run_vit(self.model, px, name, ratio=ratio, layer=self.layer)
+        def run(px):
+            return run_vit(self.model, px, name, ratio=ratio, layer=self.layer)
+
         photos, digits = run(self.photo_px), _batched(run, self.digit_px)
         speed, latency = self._speed(name, ratio)
         if self._full_speed.get("method") != name:

@@ -7,7 +7,7 @@ import torch
 from tokensift.errors import TokensiftError
 from tokensift.policies.registry import register
 from tokensift.sparse import (
-    SparsePolicy, forced_mask, gather_attend, gather_rows, group_reduce, head_logits, top_k,
+    SparsePolicy, forced_mask, gather_attend, gather_rows, head_logits, top_k,
 )
 
 

@@ -114,7 +114,9 @@ class Request:
 
     def summary(self) -> dict:
         kv = [s.kv for s in self.sequences if s.kv]
-        total = lambda key: sum(k.get(key, 0) for k in kv)
+        def total(key: str) -> int:
+            return sum(k.get(key, 0) for k in kv)
+
         return {
             "policy": self.job.policy.name,
             "params": self.job.policy.params(),

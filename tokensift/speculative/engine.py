@@ -226,7 +226,7 @@ class Speculator:
         if self.cost is None and self.fixed_nodes is None:  # measured once per machine, with the kernels in use
             self.cost = cost_for(self.model, kernels="stock" if self.lazy_head else "packed")
         cache = cache or make_cache(self.model, policy)
-        if not isinstance(cache, SelectingCache) or not all(isinstance(l, SelectingLayer) for l in cache.layers):
+        if not isinstance(cache, SelectingCache) or not all(isinstance(layer, SelectingLayer) for layer in cache.layers):
             raise TokensiftError("speculative decoding needs a tokensift SelectingCache over full-attention layers")
         device = model_device(self.model)
         generator = torch.Generator(device=device).manual_seed(seed)

@@ -91,7 +91,9 @@ def tiny_vlm(kind: str, seed: int = 0):
 def tiny_inputs(kind: str, batch: int = 1, seed: int = 0) -> dict:
     """``generate`` inputs for a tiny VLM: text, one image's placeholder tokens, pixels."""
     gen = torch.Generator().manual_seed(seed)
-    text = lambda n: torch.randint(3, 90, (batch, n), generator=gen)
+    def text(n):
+        return torch.randint(3, 90, (batch, n), generator=gen)
+
     if kind == "llava":
         n_img, pixels = 16, {"pixel_values": torch.randn(batch, 3, 56, 56, generator=gen)}
     elif kind == "llava_next":

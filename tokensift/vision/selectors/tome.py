@@ -75,7 +75,9 @@ def _split(state: MergeState) -> tuple[MergeState, MergeState]:
     n = state.x.shape[1]
     dev = state.x.device
     a_idx, b_idx = torch.arange(0, n, 2, device=dev), torch.arange(1, n, 2, device=dev)
-    pick = lambda idx: MergeState(state.x[:, idx], state.metric[:, idx], state.sizes[:, idx], state.index[:, idx])
+    def pick(idx):
+        return MergeState(state.x[:, idx], state.metric[:, idx], state.sizes[:, idx], state.index[:, idx])
+
     return pick(a_idx), pick(b_idx)
 
 
