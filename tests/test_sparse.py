@@ -9,7 +9,8 @@ from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.generate import generate
 from tokensift.policies import POLICIES, build_policy
-from tokensift.sparse import gather_attend, read_stats, sparse_layer_class
+from tokensift.selection import gather_attend, read_stats
+from tokensift.storage.sparse_layer import sparse_layer_class
 
 SPARSE = sorted(name for name, cls in POLICIES.items() if getattr(cls, "reads_subset", False))
 COMPOSABLE = [name for name in SPARSE if POLICIES[name].takes_base]  # readers that run over a base policy

@@ -9,7 +9,7 @@ from conftest import random_ids, tiny_llama
 from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.policies import build_policy
-from tokensift.sparse import read_stats
+from tokensift.selection import read_stats
 from tokensift.storage.sketch import KeySketch, rotation
 
 

@@ -15,6 +15,7 @@ from transformers.cache_utils import (
 )
 
 from tokensift.policies.base import Policy
+from tokensift.selection import top_k
 
 PER_SEQUENCE = ("keys", "values", "positions", "ranks", "valid", "sink", "valid_seen")
 
@@ -390,12 +391,9 @@ class SelectingLayer(CacheLayerMixin):
 
     def select(self, budget: int) -> None:
         """Keep the ``budget`` best tokens of each KV head: protected first, padding never."""
-        scores = self.policy.score(self).float()
-        scores = scores.masked_fill(self.protected_mask(), float("inf"))
-        scores = scores.masked_fill(~self.valid, float("-inf"))
-        # a stable sort breaks exact ties (common after max-pooling) by storage order, so the
-        # choice does not depend on batch shape or padding
-        keep = scores.sort(dim=-1, descending=True, stable=True).indices[..., :budget].sort(dim=-1).values
+        # stable: exact ties (common after max-pooling) go by storage order, so the choice does
+        # not depend on batch shape or padding
+        keep, _ = top_k(self.policy.score(self), budget, self.protected_mask(), self.valid, stable=True)
         self._gather_tokens(keep)
         self.compressed = True
 

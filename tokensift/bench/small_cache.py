@@ -23,7 +23,7 @@ from tokensift.bench.report import fmt, markdown_table
 from tokensift.devices import clock, model_device, run_fields
 from tokensift.errors import TokensiftError
 from tokensift.policies import build_policy
-from tokensift.sparse import read_stats
+from tokensift.selection import read_stats
 
 DEFAULT_POLICIES = ("full", "tiered", "zipcache(hi_bits=4,lo_bits=4)", "zipcache")
 DEFAULT_LENGTHS = (8000,)

@@ -30,7 +30,8 @@ import torch
 
 from tokensift.devices import clock, model_device, resolve_device, run_fields
 from tokensift.policies import build_policy
-from tokensift.sparse import gather_attend, read_stats, sparse_layer_class
+from tokensift.selection import gather_attend, read_stats
+from tokensift.storage.sparse_layer import sparse_layer_class
 
 K = 256
 METHODS = ("topk_attention", "tokenselect", "tidaldecode", "recycled_attention", "lessismore", "hisa")

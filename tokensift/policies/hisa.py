@@ -6,9 +6,8 @@ import torch
 
 from tokensift.errors import TokensiftError
 from tokensift.policies.registry import register
-from tokensift.sparse import (
-    SparsePolicy, forced_mask, gather_attend, gather_rows, head_logits, top_k,
-)
+from tokensift.policies.sparse_base import SparsePolicy
+from tokensift.selection import forced_mask, gather_attend, gather_rows, head_logits, top_k
 
 
 @register

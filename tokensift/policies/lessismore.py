@@ -5,7 +5,8 @@ from dataclasses import dataclass
 import torch
 
 from tokensift.policies.registry import register
-from tokensift.sparse import CrossLayerPolicy, group_reduce, to_query_heads
+from tokensift.policies.sparse_base import CrossLayerPolicy
+from tokensift.selection import group_reduce, to_query_heads
 
 
 @register

@@ -4,8 +4,9 @@ from dataclasses import dataclass
 
 from tokensift.errors import TokensiftError
 from tokensift.policies.registry import register
-from tokensift.sparse import (
-    SparsePolicy, count, cosine, dense_with_probs, forced_mask, group_reduce, reuse_read, save_selection, top_k,
+from tokensift.policies.sparse_base import SparsePolicy
+from tokensift.selection import (
+    count, cosine, dense_with_probs, forced_mask, group_reduce, reuse_read, save_selection, top_k,
 )
 
 

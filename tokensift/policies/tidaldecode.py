@@ -3,7 +3,8 @@
 from dataclasses import dataclass
 
 from tokensift.policies.registry import register
-from tokensift.sparse import CrossLayerPolicy, group_reduce
+from tokensift.policies.sparse_base import CrossLayerPolicy
+from tokensift.selection import group_reduce
 
 
 @register

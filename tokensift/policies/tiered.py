@@ -11,9 +11,8 @@ import torch
 from tokensift.errors import TokensiftError
 from tokensift.policies.registry import register
 from tokensift.quant import check_bits
-from tokensift.sparse import (
-    SparsePolicy, count, forced_mask, gather_attend, reuse_read, save_selection, sparse_layer_class, to_query_heads, top_k,
-)
+from tokensift.policies.sparse_base import SparsePolicy
+from tokensift.selection import count, forced_mask, gather_attend, reuse_read, save_selection, to_query_heads, top_k
 
 SELECTION = "tiered_selection"  # layer.state key of the selection reused between refreshes
 
@@ -103,6 +102,7 @@ class Tiered(SparsePolicy):
 
     @property
     def layer_class(self) -> type:
+        from tokensift.storage.sparse_layer import sparse_layer_class
         from tokensift.storage.tiered import TieredLayer
 
         return sparse_layer_class(TieredLayer)

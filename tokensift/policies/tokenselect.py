@@ -6,9 +6,10 @@ import torch
 
 from tokensift.errors import TokensiftError
 from tokensift.policies.registry import register
-from tokensift.sparse import (
-    SparsePolicy, count, cosine, forced_mask, gather_attend, group_reduce, head_logits, layer_wide,
-    reuse_read, save_selection, to_query_heads, top_k,
+from tokensift.policies.sparse_base import SparsePolicy
+from tokensift.selection import (
+    count, cosine, forced_mask, gather_attend, group_reduce, head_logits, layer_wide, reuse_read, save_selection,
+    to_query_heads, top_k,
 )
 
 

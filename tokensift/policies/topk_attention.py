@@ -3,7 +3,8 @@
 from dataclasses import dataclass
 
 from tokensift.policies.registry import register
-from tokensift.sparse import SparsePolicy, forced_mask, gather_attend, head_logits, to_query_heads, top_k
+from tokensift.policies.sparse_base import SparsePolicy
+from tokensift.selection import forced_mask, gather_attend, head_logits, to_query_heads, top_k
 
 
 @register
