@@ -129,3 +129,27 @@ def test_cache_has_no_module_state_written_by_its_methods():
 def test_the_current_layer_is_not_handed_over_through_module_state():
     source = "\n".join(path.read_text(encoding="utf-8") for path in MODULES.values())
     assert "_LAST_UPDATED" not in source and "take_last_updated" not in source
+
+
+ENGINE_SIDE = ("tokensift.cache", "tokensift.storage", "tokensift.hooks", "tokensift.attention", "tokensift.engine")
+
+
+def test_policies_import_no_cache_or_storage_at_import_time():
+    """Policies sit below the cache: they name their storage as a ``"module:Class"`` string
+    (``Policy.storage``), resolved when a cache is built, never imported with the policy."""
+    graph = {name: imported(path, everywhere=False) - {name} for name, path in MODULES.items()}
+    for name in MODULES:
+        if name.startswith("tokensift.policies"):
+            reached = reachable(graph, name)
+            assert not {m for m in reached if m.startswith(ENGINE_SIDE)}, f"{name} imports the engine at import time"
+
+
+def test_the_engine_reads_policies_through_declared_attributes():
+    """No ``getattr(policy, ...)`` in the engine: ``Policy`` declares what it reads."""
+    import re
+
+    for name, path in MODULES.items():
+        if name.startswith(("tokensift.cache", "tokensift.storage", "tokensift.engine", "tokensift.attention",
+                            "tokensift.hooks", "tokensift.serve", "tokensift.generate", "tokensift.speculative")):
+            source = path.read_text(encoding="utf-8")
+            assert not re.search(r"getattr\((self\.|layer\.)?policy\b", source), name

@@ -349,3 +349,36 @@ def test_waiting_metadata_equals_metadata_written_every_step():
         assert got.seen == want.seen and torch.equal(got.keys, want.keys) and torch.equal(got.values, want.values)
         for name in ("positions", "ranks", "valid", "sink", "valid_seen"):
             assert torch.equal(getattr(got, name), getattr(want, name)), name
+
+
+@pytest.mark.parametrize("name", COMPOSABLE)
+@pytest.mark.parametrize("base", ["snapkv(kernel=5)", "zipcache", "adakv(h2o)"])
+def test_base_policy_as_inner_expression_equals_base_keyword(name, base):
+    """``reader(base, ...)`` is ``reader(..., base=base)``: one composition (a typed inner policy)."""
+    size = "" if base == "zipcache" else ", base_budget=40"
+    inner = build_policy(f"{name}({base}, k=16{size})", n_sink=2, window=4)
+    extra = {} if base == "zipcache" else {"base_budget": 40}
+    keyword = sparse_policy(name, base=base.split("(")[0], **extra)
+    assert (inner.base, inner.base_budget, inner.layer_class) == (keyword.base, keyword.base_budget, keyword.layer_class)
+    assert inner.inner.window == 4 and inner.inner.n_sink == 2 and inner.evicts == keyword.evicts
+    if base == "snapkv(kernel=5)":
+        assert inner.inner.kernel == 5 and keyword.inner.kernel == 7
+    if base == "adakv(h2o)":
+        assert inner.inner.inner.name == "h2o"
+
+
+def test_inner_spelling_and_base_keyword_build_equal_policies():
+    expression = build_policy("tokenselect(snapkv, k=256, base_budget=2048)")
+    assert expression == build_policy("tokenselect", k=256, base="snapkv", base_budget=2048)
+    assert expression == build_policy("tokenselect(snapkv(budget=2048), k=256)")
+    assert expression.params() == build_policy("tokenselect", k=256, base="snapkv", base_budget=2048).params()
+
+
+@pytest.mark.parametrize("expression, message", [
+    ("tiered(snapkv, k=64)", "takes no base"),
+    ("tokenselect(hisa, k=64)", "evicting or storage"),
+    ("tokenselect(snapkv, k=64, base=h2o, base_budget=40)", "base policy once"),
+])
+def test_bad_inner_policies_of_readers(expression, message):
+    with pytest.raises(TokensiftError, match=message):
+        build_policy(expression)

@@ -424,7 +424,7 @@ class SelectingCache(Cache):
         text_config = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
         num_layers = len(layer_types)
-        layer_class = getattr(policy, "layer_class", None) or SelectingLayer
+        layer_class = policy.layer_class or SelectingLayer
         layers = [
             layer_class(i, num_layers, policy)
             if kind == "full_attention"
@@ -557,7 +557,7 @@ def _metadata_can_wait(layer: SelectingLayer, policy: Policy) -> bool:
     """Whether a layer's per-token metadata may be written only when read: a stock layer whose
     policy evicts nothing, reads no subset and observes nothing."""
     return (type(layer) is SelectingLayer and not policy.evicts and not policy.needs_attention
-            and not getattr(policy, "reads_subset", False) and type(policy).observe is Policy.observe)
+            and not policy.reads_subset and type(policy).observe is Policy.observe)
 
 
 def _is_prefix_view(tensor: torch.Tensor, buffer: torch.Tensor | None) -> bool:

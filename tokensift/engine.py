@@ -20,7 +20,5 @@ def make_cache(model, policy: Policy) -> SelectingCache:
     install_cache_hooks(model)  # each attention call finds its layer: cache.layers[module.layer_idx]
     install_input_ids_hook(model)  # cache.shared["input_ids"] for policies that read token ids
     cache = SelectingCache(model.config, policy)
-    prepare = getattr(policy, "prepare", None)  # once per cache, with the model (e.g. calibration)
-    if prepare is not None:
-        prepare(model)
+    policy.prepare(model)  # once per cache, with the model (e.g. calibration)
     return cache

@@ -4,11 +4,20 @@ A policy is a small dataclass whose fields are its hyper-parameters. The cache c
 ``observe`` after each attention call (with an :class:`~tokensift.scoring.AttentionView`
 when ``needs_attention`` is set) and ``score`` when it must drop tokens. Protected tokens
 (the first ``n_sink`` and the last ``window``) and padding are handled by the cache.
+
+:class:`Policy` declares everything the engine reads off a policy (class attributes, the
+hooks with their defaults); nothing is looked up with ``getattr``. :class:`Composed` is the one
+way to build a policy on another (``inner``): wrappers and sparse readers alike.
+
+Imports stay one way: policies never import the cache or its storage at module import time;
+a policy names its storage as a ``"module:Class"`` string (``storage``), resolved by
+:func:`resolve_layer_class` when a cache is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
@@ -42,15 +51,26 @@ class Policy:
     """
 
     name: ClassVar[str] = ""
+    """Registry name (composed policies: ``outer(inner)``)."""
     paper: ClassVar[str] = ""
+    """The method's reference, one line."""
     needs_attention: ClassVar[bool] = False
+    """Whether ``observe`` needs the attention probabilities (an AttentionView; else it gets None)."""
     evicts: ClassVar[bool] = True
+    """Whether the policy drops tokens (then it takes ``budget`` or ``ratio``)."""
+    reads_subset: ClassVar[bool] = False
+    """Whether decode steps read a subset of the cache (a SparsePolicy: ``wants_sparse``/``read``)."""
+    storage: ClassVar[str | None] = None
+    """``"module:Class"`` of the layer class that stores this policy's tokens (None: SelectingLayer)."""
 
     budget: int | None = None
     ratio: float | None = None
     n_sink: int = 4
     window: int = 32
     interval: int = 1
+
+    inner: ClassVar[Policy | None] = None
+    """The policy this one is built on (a :class:`Composed` policy's field); None for a plain policy."""
 
     def __post_init__(self) -> None:
         self.validate()
@@ -103,6 +123,15 @@ class Policy:
         for the default (transformers' own, which already holds at most its window)."""
         return None
 
+    # -------------------------------------------------------------------- engine
+    @property
+    def layer_class(self) -> type | None:
+        """The class of this policy's full-attention cache layers (None: the plain SelectingLayer)."""
+        return resolve_layer_class(self)
+
+    def prepare(self, model) -> None:
+        """Called once by ``make_cache`` with the model (e.g. calibration); default nothing."""
+
     # ------------------------------------------------------------------- scoring
     def observe(self, layer: SelectingLayer, view: AttentionView | None) -> None:
         """Update running statistics after an attention call (default: nothing)."""
@@ -110,6 +139,20 @@ class Policy:
     def score(self, layer: SelectingLayer) -> torch.Tensor:
         """Return ``[batch, kv_heads, kept]`` scores: higher is kept first."""
         raise NotImplementedError
+
+    def keep_across_heads(self, layer: SelectingLayer, budget: int) -> torch.Tensor:
+        """``[batch, kv_heads, slots]`` bool: the tokens kept when the layer's heads may hold
+        different numbers of them (``budget x kv_heads`` per sequence; variable-length storage)."""
+        raise TokensiftError(f"policy '{self.name}' does not split a budget across heads")
+
+    # ------------------------------------------------------------------- reading
+    def wants_sparse(self, layer: SelectingLayer) -> bool:
+        """Read a subset in this layer now? (Asked by sparse-reading layers for one-token queries.)"""
+        return False
+
+    def read(self, layer: SelectingLayer, query, key, value, query_valid, scaling) -> torch.Tensor | None:
+        """Attention output ``[batch, 1, heads, dim]`` of a sparse read, or None (dense)."""
+        return None
 
     # ------------------------------------------------------------------ describe
     def params(self) -> dict:
@@ -120,3 +163,104 @@ class Policy:
         """Short human label, e.g. ``snapkv(budget=512)``."""
         size = f"budget={self.budget}" if self.budget is not None else f"ratio={self.ratio}"
         return self.name if not self.evicts else f"{self.name}({size})"
+
+
+@dataclass
+class Composed(Policy):
+    """A policy built on another one, ``inner``: the one composition primitive.
+
+    Wrappers (:class:`~tokensift.policies.wrapper.Wrapper`) transform their inner policy's
+    scores or budgets; reading policies (:class:`~tokensift.policies.sparse_base.SparsePolicy`)
+    read a subset of what their inner (base) policy keeps. Expressions spell both alike:
+    ``caote(snapkv)``, ``tokenselect(snapkv, k=256, base_budget=2048)``. The outer policy hands
+    the settings of :meth:`inner_settings` down (the inner keeps its own method parameters);
+    the engine's calls go through to the inner policy unless the outer one overrides them.
+
+    Parameters
+    ----------
+    inner:
+        The inner policy: a policy, a policy name or an expression (None: ``default_inner``,
+        or no inner policy when that is None too).
+    """
+
+    default_inner: ClassVar[str | None] = None
+
+    inner: Policy | str | None = None
+
+    @classmethod
+    def check_inner(cls, name: str) -> None:
+        """Refuse an inner policy (by its registry ``name``) before an expression builds it."""
+
+    @classmethod
+    def handed_settings(cls, given: dict) -> dict:
+        """Settings an expression hands to the inner policy it builds first, from the keyword
+        arguments ``given`` to this policy."""
+        raise NotImplementedError
+
+    def inner_settings(self) -> dict:
+        """The settings this policy imposes on its inner policy."""
+        raise NotImplementedError
+
+    def build_inner(self, inner: Policy | str | None) -> Policy | None:
+        """``inner`` (a policy, a name or an expression; None: ``default_inner``) built with
+        :meth:`inner_settings`; a given policy is copied with those settings where they differ."""
+        from tokensift.policies.registry import build_policy
+
+        inner = inner if inner is not None else self.default_inner
+        if inner is None:
+            return None
+        if isinstance(inner, str):
+            return build_policy(inner, **self.inner_settings())
+        if not isinstance(inner, Policy):
+            raise TokensiftError(f"{type(self).name}: inner must be a policy or a policy name, got {type(inner).__name__}")
+        settings = {k: v for k, v in self.inner_settings().items() if getattr(inner, k) != v}
+        return dataclasses.replace(inner, **settings) if settings else inner
+
+    # the engine's calls go through to the inner policy unless a subclass overrides them
+    def observe(self, layer, view) -> None:
+        if self.inner is not None:
+            self.inner.observe(layer, view)
+
+    def score(self, layer) -> torch.Tensor:
+        if self.inner is None:
+            return super().score(layer)
+        return self.inner.score(layer)
+
+    def layer_budget(self, layer_idx: int, num_layers: int, seen: int) -> int | None:
+        if self.inner is None:
+            return super().layer_budget(layer_idx, num_layers, seen)
+        return self.inner.layer_budget(layer_idx, num_layers, seen)
+
+    def keep_across_heads(self, layer, budget: int) -> torch.Tensor:
+        if self.inner is None:
+            return super().keep_across_heads(layer, budget)
+        return self.inner.keep_across_heads(layer, budget)
+
+    def prepare(self, model) -> None:
+        if self.inner is not None:
+            self.inner.prepare(model)
+
+
+def load_class(spec: str | None):
+    """``"package.module:Class"`` -> the class (None stays None)."""
+    if spec is None:
+        return None
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def resolve_layer_class(policy: Policy) -> type | None:
+    """The layer class a cache builds for ``policy`` (None: plain SelectingLayer): its own
+    ``storage``, else its inner policy's (two different ones cannot combine); with sparse
+    reading mixed in when the policy ``reads_subset``. Imported here, when a cache is built."""
+    own = load_class(type(policy).storage)
+    inner = policy.inner.layer_class if isinstance(policy.inner, Policy) else None
+    if own is not None and inner is not None and own is not inner:
+        raise TokensiftError(f"cannot combine {type(policy).name} with {policy.inner.name}: both need their own cache storage")
+    layer_class = own or inner
+    if policy.reads_subset:
+        from tokensift.cache import SelectingLayer
+        from tokensift.storage.sparse_layer import sparse_layer_class
+
+        layer_class = sparse_layer_class(layer_class or SelectingLayer)
+    return layer_class

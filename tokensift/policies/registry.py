@@ -1,9 +1,13 @@
 """Policies by name, and building one from a name or an expression.
 
-Expressions compose wrappers: ``adakv(caote(snapkv))``, with optional method parameters in
-the parentheses: ``pyramidkv(snapkv(kernel=5), beta=10)``. Keyword arguments given to
-:func:`build_policy` (budget, ratio, n_sink, window, interval, or any parameter of the
-outermost policy) go to the outermost policy; it hands the budget settings to the inner one.
+Expressions compose policies (:class:`~tokensift.policies.base.Composed`): wrappers,
+``adakv(caote(snapkv))``, and sparse readers over a base policy,
+``tokenselect(snapkv, k=256, base_budget=2048)`` (the same as ``base=snapkv``), with optional
+method parameters in the parentheses: ``pyramidkv(snapkv(kernel=5), beta=10)``. Keyword
+arguments given to :func:`build_policy` (budget, ratio, n_sink, window, interval, or any
+parameter of the outermost policy) go to the outermost policy; it hands its settings to the
+inner one (``handed_settings``: a wrapper hands the budget settings, a reader ``n_sink``,
+``window``, ``interval`` and ``base_budget``/``base_ratio`` as budget/ratio).
 """
 
 from __future__ import annotations
@@ -15,11 +19,9 @@ import typing
 from dataclasses import dataclass, field
 
 from tokensift.errors import TokensiftError
-from tokensift.policies.base import Policy
+from tokensift.policies.base import Composed, Policy
 
 POLICIES: dict[str, type[Policy]] = {}
-
-BUDGET_SETTINGS = ("budget", "ratio", "n_sink", "window", "interval")
 
 
 def register(cls: type[Policy]) -> type[Policy]:
@@ -136,10 +138,10 @@ def _build(node: Node, outer: dict) -> Policy:
     params = {**node.params, **{k: v for k, v in outer.items() if v is not None}}
     kwargs = {k: convert_value(cls, k, v) for k, v in params.items()}
     if node.inner is not None:
-        if "inner" not in {f.name for f in dataclasses.fields(cls)}:
+        if not issubclass(cls, Composed):
             raise TokensiftError(f"policy '{node.name}' does not wrap another policy (got '{node.inner.name}' inside it)")
-        handed = {k: kwargs[k] for k in BUDGET_SETTINGS if k in kwargs}
-        kwargs["inner"] = _build(node.inner, handed)
+        cls.check_inner(node.inner.name)
+        kwargs["inner"] = _build(node.inner, cls.handed_settings(kwargs))
     try:
         return cls(**kwargs)
     except TypeError as error:

@@ -16,31 +16,46 @@ since (at most ``interval``-like few).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from tokensift.errors import TokensiftError
-from tokensift.policies.base import Policy
+from tokensift.policies.base import Composed
 from tokensift.selection import (
     count, dense_with_probs, forced_mask, gather_attend, layer_wide, positions_to_indices, top_k,
 )
 
+HANDED = ("n_sink", "window", "interval")  # settings a reader hands to its base policy
+
 
 @dataclass
-class SparsePolicy(Policy):
+class SparsePolicy(Composed):
     """Base of the reading policies: ``k`` tokens read per head per decode step.
 
-    Parameters (besides the base ``n_sink`` / ``window``, which are always read)
+    A :class:`~tokensift.policies.base.Composed` policy: its optional inner (base) policy
+    manages the storage under the reading; the reader hands it ``n_sink``, ``window`` and
+    ``interval``, and ``base_budget`` / ``base_ratio`` as its ``budget`` / ``ratio``.
+
+    Parameters
     ----------
     k:
         Tokens read per head at a selection, protected tokens (sinks, window) included.
         ``budget=`` is accepted as an alias (the benchmark runner passes ``budget``).
-    base:
+    n_sink, window:
+        Protected tokens, always read (and handed to the base policy).
+    inner:
         Optional policy that manages storage under the reading: an evicting policy
         (``snapkv``, ``h2o``...) with ``base_budget`` / ``base_ratio``, or a storage policy
         (``zipcache``). Its layer class, observation, scores and budgets are used as is.
+        Expressions give it as the inner policy: ``tokenselect(snapkv, k=256, base_budget=2048)``.
+    base:
+        The same as a name (the older spelling): ``tokenselect(k=256, base=snapkv,
+        base_budget=2048)``. Given ``inner``, ``base`` holds its registry name.
+    base_budget, base_ratio:
+        The base policy's ``budget`` / ``ratio``.
     """
 
     evicts: ClassVar[bool] = False
@@ -72,59 +87,66 @@ class SparsePolicy(Policy):
                 f"k {self.k} leaves no room beyond the {self.protected} protected tokens "
                 f"(n_sink {self.n_sink} + window {self.window}): raise k or lower window/n_sink"
             )
+        if self.inner is not None:  # the inner policy and ``base`` are one setting
+            given = self.inner if isinstance(self.inner, str) else type(self.inner).name
+            if self.base is None:
+                self.base = given
+            elif policy_name(self.base) != policy_name(given):
+                raise TokensiftError(f"policy '{name}': give the base policy once (got {given} and base={self.base})")
         self.validate_method()
         self._build_base()
 
     def validate_method(self) -> None:
         """Method-specific checks (one-line TokensiftError)."""
 
+    @classmethod
+    def check_inner(cls, name: str) -> None:
+        from tokensift.policies.registry import get_policy_class
+
+        if not cls.takes_base:
+            raise TokensiftError(f"policy '{cls.name}' owns its storage: it takes no base policy (got '{name}')")
+        if name == cls.name or get_policy_class(name).reads_subset:
+            raise TokensiftError(f"policy '{cls.name}': base must be an evicting or storage policy, not '{name}'")
+
+    @classmethod
+    def handed_settings(cls, given: dict) -> dict:
+        defaults = {item.name: item.default for item in dataclasses.fields(cls)}
+        settings = {key: given.get(key, defaults[key]) for key in HANDED}
+        if given.get("base_budget") is not None:
+            settings["budget"] = given["base_budget"]
+        if given.get("base_ratio") is not None:
+            settings["ratio"] = given["base_ratio"]
+        return settings
+
+    def inner_settings(self) -> dict:
+        settings = {key: getattr(self, key) for key in HANDED}
+        if self.base_budget is not None:
+            settings["budget"] = self.base_budget
+        if self.base_ratio is not None:
+            settings["ratio"] = self.base_ratio
+        return settings
+
     def _build_base(self) -> None:
-        from tokensift.policies.registry import build_policy
+        from tokensift.policies.registry import get_policy_class
 
         inner = None
         if self.base is not None:
-            if self.base == self.name or getattr(_policy_class(self.base), "reads_subset", False):
+            source = self.inner if self.inner is not None else self.base
+            name = policy_name(source) if isinstance(source, str) else type(source).name
+            if name == self.name or get_policy_class(name).reads_subset:
                 raise TokensiftError(f"policy '{self.name}': base must be an evicting or storage policy, not '{self.base}'")
-            params = dict(n_sink=self.n_sink, window=self.window, interval=self.interval)
-            if self.base_budget is not None:
-                params["budget"] = self.base_budget
-            if self.base_ratio is not None:
-                params["ratio"] = self.base_ratio
-            inner = build_policy(self.base, **params)
+            inner = self.build_inner(source)
             self.evicts = inner.evicts
             self.needs_attention = inner.needs_attention
+            self.base_budget, self.base_ratio = inner.budget, inner.ratio
         elif self.base_budget is not None or self.base_ratio is not None:
             raise TokensiftError(f"policy '{self.name}': base_budget/base_ratio need base=POLICY")
-        self.__dict__["inner"] = inner
+        self.inner = inner
 
-    def __getattr__(self, name: str):
-        # storage layers (zipcache...) read their own hyper-parameters off layer.policy
-        inner = self.__dict__.get("inner")
-        if inner is None or name.startswith("__"):
-            raise AttributeError(name)
-        return getattr(inner, name)
-
-    @property
-    def layer_class(self) -> type:
-        from tokensift.cache import SelectingLayer
-        from tokensift.storage.sparse_layer import sparse_layer_class
-
-        inner = self.__dict__.get("inner")
-        base = getattr(inner, "layer_class", None) if inner is not None else None
-        return sparse_layer_class(base or SelectingLayer)
-
-    # -------------------------------------------------------- delegation to base
-    def observe(self, layer, view) -> None:
-        inner = self.__dict__.get("inner")
-        if inner is not None:
-            inner.observe(layer, view)
-
-    def score(self, layer) -> torch.Tensor:
-        return self.__dict__["inner"].score(layer)
-
-    def layer_budget(self, layer_idx: int, num_layers: int, seen: int) -> int | None:
-        inner = self.__dict__.get("inner")
-        return None if inner is None else inner.layer_budget(layer_idx, num_layers, seen)
+    def params(self) -> dict:
+        record = super().params()
+        record.pop("inner")  # recorded as ``base`` (its name) and ``base_budget`` / ``base_ratio``
+        return record
 
     def describe(self) -> str:
         label = f"{self.name}(k={self.k}"
@@ -144,10 +166,11 @@ class SparsePolicy(Policy):
         raise NotImplementedError
 
 
-def _policy_class(name: str):
-    from tokensift.policies.registry import get_policy_class
+def policy_name(expression: str) -> str:
+    """The outermost policy name of an expression (``caote(snapkv)`` -> ``caote``)."""
+    from tokensift.policies.registry import parse_expression
 
-    return get_policy_class(name)
+    return parse_expression(expression).name
 
 
 # ------------------------------------------------------- selection shared across layers

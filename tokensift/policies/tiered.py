@@ -67,6 +67,7 @@ class Tiered(SparsePolicy):
     paper = "ShadowKV (arXiv:2410.21465) + Quest (arXiv:2406.10774): resident 2-bit key sketch (KIVI, QuaRot rotation), exact rows in a second tier"
 
     takes_base: ClassVar[bool] = False
+    storage = "tokensift.storage.tiered:TieredLayer"
 
     bits: int = 2
     group: int = 128
@@ -99,13 +100,6 @@ class Tiered(SparsePolicy):
     @property
     def tier_folder(self) -> Path:
         return Path(self.tier_dir) if self.tier_dir else default_tier_folder()
-
-    @property
-    def layer_class(self) -> type:
-        from tokensift.storage.sparse_layer import sparse_layer_class
-        from tokensift.storage.tiered import TieredLayer
-
-        return sparse_layer_class(TieredLayer)
 
     def sliding_layer(self, kind: str, kwargs: dict):
         from tokensift.storage.window import QuantizedWindowLayer

@@ -35,16 +35,11 @@ class ZipCache(Policy):
     paper = "He et al. 2024, ZipCache: Accurate and Efficient KV Cache Quantization with Salient Token Identification (arXiv:2405.14256)"
     needs_attention = True
     evicts = False  # by default; a budget or ratio turns eviction on
+    storage = "tokensift.storage.quantized:QuantizedLayer"
     salient_ratio: float = 0.3
     hi_bits: int = 4
     lo_bits: int = 2
     group: int = 64
-
-    @property
-    def layer_class(self):
-        from tokensift.storage.quantized import QuantizedLayer
-
-        return QuantizedLayer
 
     @property
     def evicting(self) -> bool:

@@ -23,7 +23,7 @@ def mergeable(cache: SelectingCache) -> bool:
     no per-batch policy state (queries kept by SnapKV, sparse selections...), and a budget that
     does not depend on the batch (a ``ratio`` budget follows the longest row)."""
     policy = cache.policy
-    if not batch_independent(policy) or getattr(policy, "reads_subset", False):
+    if not batch_independent(policy) or policy.reads_subset:
         return False
     if set(cache.shared) - {"input_ids"}:
         return False
@@ -34,9 +34,9 @@ def batch_independent(policy) -> bool:
     """Whether a row's selection ignores the other rows: not so with a ``ratio`` budget (taken of
     the longest row's tokens)."""
     while policy is not None:
-        if getattr(policy, "ratio", None) is not None:
+        if policy.ratio is not None:
             return False
-        policy = getattr(policy, "inner", None)
+        policy = policy.inner
     return True
 
 

@@ -178,7 +178,7 @@ class QuantizedLayer(CompactLayer):
 
 def _quantizing_policy(policy):
     """The policy (possibly inside wrappers) that carries the quantization settings."""
-    while not hasattr(policy, "hi_bits") and hasattr(policy, "inner"):
+    while not hasattr(policy, "hi_bits") and policy.inner is not None:
         policy = policy.inner
     return policy
 

@@ -15,7 +15,7 @@ from tokensift.storage.compact import CompactLayer
 
 
 class VarlenLayer(CompactLayer):
-    """Selection keeps ``budget x kv_heads`` tokens per sequence, split across heads by score."""
+    """Selection keeps ``budget x kv_heads`` tokens per sequence, split across heads by the policy."""
 
     store_keys: torch.Tensor | None = None
     store_values: torch.Tensor | None = None
@@ -64,28 +64,11 @@ class VarlenLayer(CompactLayer):
         self.compact()
 
     def select(self, budget: int) -> None:
-        keep = self.adaptive_keep(budget)
+        """Keep ``budget x kv_heads`` tokens per sequence, split across heads by the policy
+        (:meth:`~tokensift.policies.adakv.AdaKV.keep_across_heads`)."""
+        keep = self.policy.keep_across_heads(self, budget)
         self._compact_slots(keep)
         self.compressed = True
-
-    def adaptive_keep(self, budget: int) -> torch.Tensor:
-        """``[batch, heads, slots]`` bool: the ``budget x heads`` best tokens of each sequence.
-
-        Protected tokens first, then each head's guaranteed share (``policy.floor`` of its
-        unprotected budget), then the best scores of the layer regardless of head.
-        """
-        scores = self.policy.score(self).float()
-        batch, heads, slots = scores.shape
-        protected = self.protected_mask() & self.valid
-        ranked = scores.masked_fill(protected | ~self.valid, float("-inf"))
-        share = int(getattr(self.policy, "floor", 0.0) * max(budget - self.policy.protected, 0))
-        order = ranked.sort(dim=-1, descending=True, stable=True).indices
-        guaranteed = torch.zeros_like(protected).scatter(-1, order[..., :share], True) & self.valid
-        priority = scores.masked_fill(protected | guaranteed, float("inf")).masked_fill(~self.valid, float("-inf"))
-        flat = priority.reshape(batch, heads * slots)
-        chosen = flat.sort(dim=-1, descending=True, stable=True).indices[:, : budget * heads]
-        keep = torch.zeros_like(flat, dtype=torch.bool).scatter(-1, chosen, True)
-        return keep.view(batch, heads, slots) & self.valid
 
     def _compact_slots(self, keep: torch.Tensor) -> None:
         """Move each head's kept tokens to its first slots (order kept); the rest become invalid."""
