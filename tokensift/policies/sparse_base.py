@@ -179,9 +179,13 @@ class CrossLayerPolicy(SparsePolicy):
     """Selection layers attend fully and choose one set of positions for the whole layer;
     the following layers read only those positions (cross-layer state in ``layer.shared``).
 
-    ``full_layers``: the first layers attend fully and select nothing; layer ``full_layers`` is
-    the first selection layer. ``reselect_layer``: a later layer that selects again (None:
-    ``num_layers // 2``; -1: none).
+    Parameters
+    ----------
+    full_layers:
+        The first layers attend fully and select nothing; layer ``full_layers`` is the first
+        selection layer.
+    reselect_layer:
+        A later layer that selects again (None: ``num_layers // 2``; -1: none).
     """
 
     full_layers: int = 2

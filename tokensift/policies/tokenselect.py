@@ -27,6 +27,16 @@ class TokenSelect(SparsePolicy):
 
     Wu et al., "TokenSelect: Efficient Long-Context Inference and Length Extrapolation for LLMs
     via Dynamic Token-Level KV Cache Selection" (arXiv:2411.02886).
+
+    Parameters
+    ----------
+    k:
+        Tokens read per KV head at a fresh selection (see :class:`SparsePolicy`; ``base=`` /
+        an inner policy compose it with an evicting or storage policy).
+    threshold:
+        Query cosine similarity from which the last selection is reused (> 1: never).
+    vote:
+        ``group``: one selection per KV head (its query heads vote); ``all``: one per layer.
     """
 
     name = "tokenselect"

@@ -29,6 +29,17 @@ class ZipCache(Policy):
     ZipCache/KIVI); older ones are quantized in blocks of at least ``group`` tokens (the
     whole prompt at once after prefill). Without ``budget``/``ratio`` nothing is evicted;
     with one, the lowest-saliency tokens are evicted first and what is kept is quantized.
+
+    Parameters
+    ----------
+    salient_ratio:
+        Fraction of each block's tokens (per KV head) stored at ``hi_bits``.
+    hi_bits, lo_bits:
+        Bits per element of the salient and of the other tokens (2, 4 or 8).
+    group:
+        Fewest tokens quantized at once once they leave the full-precision window.
+    budget, ratio:
+        Optional: evict down to this size first (lowest saliency first); None keeps every token.
     """
 
     name = "zipcache"
