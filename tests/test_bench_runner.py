@@ -199,7 +199,7 @@ def test_merge_groups_bound_the_cached_tokens():
 
 
 def test_prompts_sharing_a_batch_score_like_one_at_a_time(tmp_path, tiny_real_vocab, monkeypatch):
-    import tokensift.bench.runner as runner
+    import tokensift.bench.runs as runner
 
     from tokensift.bench.tasks import get_task
 

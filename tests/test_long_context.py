@@ -191,12 +191,13 @@ def test_gated_policies_run_only_where_the_full_cache_scores(tmp_path, monkeypat
     """The long suite's gate: a task whose full cache scores below the gate gets the full row only."""
     import json
 
-    from tokensift.bench import runner
-    from tokensift.bench.runner import BenchConfig, Results, Setting, run_gated
+    from tokensift.bench import runs as runner
+    from tokensift.bench.runs import BenchConfig, Results, RunContext, Setting, run_gated
 
     calls = []
 
-    def fake_retrieval(model, tokenizer, config, results, task, protocol, length, settings, progress, recordings=None):
+    def fake_retrieval(context, job, settings, recordings=None):
+        task, protocol, length, results = job.task, job.protocol, job.length, context.results
         calls.append([s.label for s in settings])
         for s in results.pending(task, protocol, length, settings):
             results.write({"cell": runner.cell_key(task, protocol, length, s), "score": 0.1 if task == "vt" else 0.9})
@@ -206,7 +207,7 @@ def test_gated_policies_run_only_where_the_full_cache_scores(tmp_path, monkeypat
     results = Results(tmp_path / "results.jsonl")
     settings = [Setting("full"), Setting("snapkv", budget=64)]
     for task in ("vt", "niah"):
-        run_gated(None, None, config, results, runner.Job(task, 1024), settings, lambda n: None)
+        run_gated(RunContext(None, None, config, results, lambda n: None), runner.Job(task, 1024), settings)
     cells = [json.loads(line)["cell"] for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert [c for c in cells if c.startswith("vt")] == ["vt|query_agnostic|1024|full"]
     assert "niah|query_agnostic|1024|snapkv@64" in cells

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tokensift.bench import kvpress_compare
 from tokensift.bench.report import write_report
-from tokensift.bench.runner import Results
+from tokensift.bench.results import Results
 from tokensift.bench.tasks import QUERY_AGNOSTIC, build_instances, default_tokenizer, write_jsonl
 from tokensift.errors import TokensiftError
 

@@ -267,7 +267,7 @@ def pair_key(instance_key: str, run: dict) -> str:
 
 def read_rows(path: Path) -> list[dict]:
     """The worker's rows so far (none before its first run; a row torn by a killed worker is dropped)."""
-    from tokensift.bench.runner import read_rows as complete_rows
+    from tokensift.bench.results import read_rows as complete_rows
 
     return complete_rows(path)
 

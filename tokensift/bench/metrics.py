@@ -80,9 +80,9 @@ def measure_cost(model, tokenizer, context_ids: list[int], policy) -> dict:
     """Real prefill under ``policy`` (timed), then ``COST_DECODE_TOKENS`` greedy decode steps."""
     import gc
 
-    from tokensift.engine import make_cache
+    from tokensift.bench.decode import GreedyDecoder
     from tokensift.devices import clock, model_device
-    from tokensift.generate import Decoder
+    from tokensift.engine import make_cache
 
     device = model_device(model)
     gc.collect()
@@ -91,14 +91,12 @@ def measure_cost(model, tokenizer, context_ids: list[int], policy) -> dict:
     baseline = psutil.Process().memory_info().rss
     with PeakRSS() as memory:
         cache = make_cache(model, policy)
-        decoder = Decoder(model, cache)
-        ids = torch.tensor([context_ids], dtype=torch.long, device=device)
+        decoder = GreedyDecoder(model, cache)
         start = clock(device)
-        logits = decoder.forward(ids, torch.ones_like(ids))
+        logits = decoder.feed([context_ids])
         prefill = clock(device) - start
         start = clock(device)
-        for _ in range(COST_DECODE_TOKENS):
-            logits = decoder.forward(logits.argmax(-1)[:, None], torch.ones(1, 1, dtype=torch.long, device=device))
+        decoder.run(logits, COST_DECODE_TOKENS + 1)  # COST_DECODE_TOKENS tokens fed
         decode = clock(device) - start
     return {
         "prefill_seconds": prefill, "decode_seconds": decode,

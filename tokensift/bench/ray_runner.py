@@ -16,7 +16,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from tokensift.bench.runner import BenchConfig, Job, Results, chosen_kernels, read_rows, run_job, settings_for
+from tokensift.bench.config import BenchConfig, settings_for
+from tokensift.bench.jobs import Job
+from tokensift.bench.pool import chosen_kernels
+from tokensift.bench.results import Results, read_rows
 from tokensift.errors import TokensiftError
 from tokensift.ray_cluster import ray_cluster
 
@@ -48,13 +51,16 @@ class BenchWorker:
 
     def run(self, job: Job, rows: list[dict], reports) -> None:
         """Run ``job``; ``rows``: the rows of its cells already done."""
+        from tokensift.bench.runner import run_job
+        from tokensift.bench.runs import RunContext
+
         with tempfile.TemporaryDirectory(prefix="tokensift-ray-") as scratch:
             path = Path(scratch) / "results.jsonl"
             path.write_text("".join(json.dumps(row) + "\n" for row in rows))
             results = RelayedResults(path, reports)
+            context = RunContext(self.model, self.tokenizer, self.config, results, lambda n: reports.put(("units", n)))
             with chosen_kernels(self.model, self.config):
-                run_job(job, self.model, self.tokenizer, self.config, results, self.settings,
-                        lambda n: reports.put(("units", n)))
+                run_job(job, context, self.settings)
 
 
 def job_rows(path: Path, job: Job) -> list[dict]:

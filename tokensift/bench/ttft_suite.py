@@ -47,23 +47,19 @@ def parse_prefill(expression: str):
 @torch.inference_mode()
 def answer(model, cache, instance, tokenizer) -> tuple[float, float, list[int]]:
     """Feed the suffix, decode greedily; (score, seconds of the suffix forward, tokens)."""
+    from tokensift.bench.decode import GreedyDecoder
     from tokensift.bench.tasks import get_task
-    from tokensift.generate import Decoder
 
     spec, device = get_task(instance.task), model_device(model)
-    decoder = Decoder(model, cache)
-    decoder.mask = torch.ones(1, cache.get_seq_length(), dtype=torch.long, device=device)
+    decoder = GreedyDecoder(model, cache)
     start = clock(device)
-    suffix = torch.tensor([instance.suffix_ids], dtype=torch.long, device=device)
-    logits = decoder.forward(suffix, torch.ones_like(suffix))
+    logits = decoder.feed([instance.suffix_ids])
     suffix_seconds = clock(device) - start
-    tokens: list[int] = []
-    for _ in range(instance.max_new_tokens):
-        tokens.append(int(logits.argmax(-1)))
-        text = tokenizer.decode(tokens, skip_special_tokens=True)
-        if spec.settled(instance, text):
-            break
-        logits = decoder.forward(torch.tensor([[tokens[-1]]], device=device), torch.ones(1, 1, dtype=torch.long, device=device))
+
+    def settled(row: int, tokens: list[int]) -> bool:
+        return spec.settled(instance, tokenizer.decode(tokens, skip_special_tokens=True))
+
+    tokens = decoder.run(logits, instance.max_new_tokens, settled)[0]
     return spec.score(instance, tokenizer.decode(tokens, skip_special_tokens=True)), suffix_seconds, tokens
 
 

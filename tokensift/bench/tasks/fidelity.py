@@ -23,6 +23,7 @@ class Fidelity(Task):
     """Greedy continuation of a long essay prompt, compared with the full cache's."""
 
     name = "fidelity"
+    runs = "fidelity"
     description = f"essay prompt, {CONTINUATION_TOKENS}-token greedy continuation"
 
     def make(self, tokenizer, rng, length, index, seed, protocol):

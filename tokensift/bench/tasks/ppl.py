@@ -21,6 +21,7 @@ class Perplexity(Task):
     """Perplexity of the last 512 tokens of an essay stream."""
 
     name = "ppl"
+    runs = "ppl"
     description = f"essay stream, last {SCORED_TOKENS} tokens scored"
 
     def make(self, tokenizer, rng, length, index, seed, protocol):

@@ -15,13 +15,16 @@ TASKS: dict[str, "Task"] = {}
 class Task:
     """A deterministic prompt generator plus its scorer.
 
-    Subclasses set ``name`` and implement :meth:`make`; :meth:`build` retries with a fresh
+    Subclasses set ``name`` (and ``runs``, how the benchmark runs the task: ``retrieval``
+    greedy-decodes an answer after the context, ``ppl`` and ``fidelity`` score the
+    continuation) and implement :meth:`make`; :meth:`build` retries with a fresh
     draw (still determined by the seed) until every needle occurs exactly once in the context
     and never in the suffix.
     """
 
     name: str = ""
     description: str = ""
+    runs: str = "retrieval"  # how the benchmark runs it (a key of tokensift.bench.runs.RUNS)
 
     def make(
         self, tokenizer, rng: random.Random, length: int, index: int, seed: int, protocol: str

@@ -1,0 +1,78 @@
+"""The benchmark's one greedy decode loop, built on :class:`tokensift.generate.Decoder`.
+
+Every suite that decodes greedily over a tokensift cache goes through :class:`GreedyDecoder`:
+feed a suffix (or a prompt) after what the cache holds, then :meth:`GreedyDecoder.run` takes the
+argmax, feeds it back, and stops after ``max_new_tokens`` or once every row is settled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from tokensift.devices import model_device
+from tokensift.generate import Decoder, left_pad
+
+Settled = Callable[[int, list[int]], bool]  # (row, tokens so far) -> can the row's score still change?
+
+
+class GreedyDecoder(Decoder):
+    """A :class:`Decoder` over ``cache`` (``rows`` sequences of ``cache.get_seq_length()`` tokens,
+    every one seen), choosing each next token greedily.
+
+    Parameters
+    ----------
+    model
+        A transformers causal language model.
+    cache
+        The cache the model reads and extends (a tokensift cache, possibly empty).
+    rows
+        Sequences in the batch.
+    """
+
+    def __init__(self, model, cache, rows: int = 1):
+        super().__init__(model, cache)
+        self.rows = rows
+        self.device = model_device(model)
+        self.mask = torch.ones(rows, cache.get_seq_length(), dtype=torch.long, device=self.device)
+
+    def feed(self, suffixes: list[list[int]]) -> torch.Tensor:
+        """Append ``suffixes[row]`` to each row (shorter ones padded on their left: masked slots
+        between the cached tokens and the suffix, positions stay contiguous); last-position logits."""
+        return self.forward(*left_pad(suffixes, pad_id=0, device=self.device))
+
+    def feed_next(self, next_ids: torch.Tensor) -> torch.Tensor:
+        """Append one token per row (``[rows]``); last-position logits."""
+        return self.forward(next_ids[:, None], torch.ones(self.rows, 1, dtype=torch.long, device=self.device))
+
+    def run(self, logits: torch.Tensor, max_new_tokens: int, settled: Settled | None = None) -> list[list[int]]:
+        """Decode greedily from ``logits`` (``[rows, vocab]``, the last fed position's).
+
+        Each step takes the argmax of every row, then (unless it was the last step) feeds it;
+        ``max_new_tokens`` steps feed ``max_new_tokens - 1`` tokens. ``settled(row, tokens)``
+        (optional) says a row's score can no longer change; decoding stops when every row is
+        settled, so scores equal those of decoding all ``max_new_tokens``.
+        """
+        out: list[list[int]] = [[] for _ in range(self.rows)]
+        chosen: list[torch.Tensor] = []  # without ``settled`` no step waits on the host
+        for step in range(max_new_tokens):
+            next_ids = logits.argmax(-1)
+            if settled is None:
+                chosen.append(next_ids)
+            else:
+                for tokens, token in zip(out, next_ids.tolist()):
+                    tokens.append(token)
+            if step + 1 == max_new_tokens or (settled is not None and all(settled(r, t) for r, t in enumerate(out))):
+                break
+            logits = self.feed_next(next_ids)
+        if chosen:
+            out = torch.stack(chosen, dim=1).tolist()
+        return out
+
+
+@torch.inference_mode()
+def greedy_tokens(model, cache, suffixes: list[list[int]], max_new_tokens: int, settled: Settled | None = None) -> list[list[int]]:
+    """Append ``suffixes[row]`` to each row of ``cache`` and decode greedily (see :class:`GreedyDecoder`)."""
+    decoder = GreedyDecoder(model, cache, len(suffixes))
+    return decoder.run(decoder.feed(suffixes), max_new_tokens, settled)
