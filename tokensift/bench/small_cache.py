@@ -49,21 +49,18 @@ def prompt(tokenizer, length: int, device=None) -> torch.Tensor:
 
 @torch.inference_mode()
 def decode_round_robin(model, caches: dict, first: torch.Tensor, length: int, steps: int) -> dict[str, list[float]]:
-    """``steps`` greedy steps of every cache, one step of each in turn; seconds per step."""
-    from tokensift.generate import Decoder
+    """``steps`` greedy steps of every cache, one step of each in turn; seconds per step.
 
-    device = model_device(model)
-    decoders = {}
-    for name, cache in caches.items():
-        decoders[name] = Decoder(model, cache)
-        decoders[name].mask = torch.ones(1, length, dtype=torch.long, device=device)
+    Each cache decodes through the bench's one loop (:class:`~tokensift.bench.decode.GreedyDecoder`),
+    one step at a time, so that load drift hits every policy alike."""
+    from tokensift.bench.decode import GreedyDecoder
+
+    decoders = {name: GreedyDecoder(model, cache, seen=length) for name, cache in caches.items()}
     tokens = {name: first for name in caches}
     times: dict[str, list[float]] = {name: [] for name in caches}
     for _ in range(steps):
         for name, decoder in decoders.items():
-            start = clock(device)
-            logits = decoder.forward(tokens[name][:, None], torch.ones(1, 1, dtype=torch.long, device=device))
-            times[name].append(clock(device) - start)
+            logits = decoder.timed_feed_next(tokens[name], times[name].append)
             tokens[name] = logits.argmax(-1)
     return times
 

@@ -198,22 +198,23 @@ def timed_attention(module, *args, **kwargs):
 
 @torch.inference_mode()
 def decode(model, cache, first: torch.Tensor, steps: int, shares: list | None = None) -> tuple[list[float], list[int]]:
-    """Greedy decode ``steps`` tokens from ``first``; per-step seconds and the tokens.
+    """Greedy decode ``steps`` tokens from ``first`` (the bench's one loop,
+    :class:`~tokensift.bench.decode.GreedyDecoder`); per-step seconds and the tokens.
 
     ``shares`` (optional) gets, per step, the seconds spent in attention per layer type.
     """
-    seen, device = cache.get_seq_length(), model_device(model)
-    token, times, tokens = first, [], []
-    for step in range(steps):
-        ATTENTION_SECONDS.clear()
-        start = clock(device)
-        out = model(input_ids=token[:, None], position_ids=torch.tensor([[seen + step]], device=device),
-                    past_key_values=cache, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(-1)
-        times.append(clock(device) - start)
-        tokens.append(int(token))
+    from tokensift.bench.decode import GreedyDecoder
+
+    times: list[float] = []
+
+    def step(seconds: float) -> None:
+        times.append(seconds)
         if shares is not None:
             shares.append(dict(ATTENTION_SECONDS))
+        ATTENTION_SECONDS.clear()
+
+    ATTENTION_SECONDS.clear()
+    tokens = GreedyDecoder(model, cache).run_from(first, steps, on_step=step)[0]
     return times, tokens
 
 
