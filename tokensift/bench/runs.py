@@ -64,8 +64,7 @@ class RunContext:
 # ---------------------------------------------------------------------- retrieval
 def is_mergeable(policy) -> bool:
     """Policies that only evict after prefill (stock layers, no decode-time reading) can share a batch."""
-    layer_class = getattr(policy, "layer_class", None)
-    return (layer_class in (None, SelectingLayer)) and not getattr(policy, "reads_subset", False)
+    return policy.layer_class in (None, SelectingLayer) and not policy.reads_subset
 
 
 def answer_scores(model, tokenizer, cache, rows: list) -> list[float]:
@@ -181,7 +180,7 @@ def token_ids(model, ids: list) -> torch.Tensor:
 def decode_chunk(policy) -> int:
     """Tokens fed per forward when teacher forcing: reading policies read a subset only on
     single-token steps (blocks are dense), so they get one token at a time."""
-    return 1 if getattr(policy, "reads_subset", False) else metrics.DECODE_CHUNK
+    return 1 if policy.reads_subset else metrics.DECODE_CHUNK
 
 
 @torch.inference_mode()
