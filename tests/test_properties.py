@@ -358,7 +358,8 @@ def tiered_scenarios(draw, folder: str):
                   interval=draw(st.integers(1, 3)), group=draw(st.sampled_from([1, 3, 16, 32, 128])),
                   bits=draw(st.sampled_from([2, 4, 8])), rotate=draw(st.booleans()),
                   tier=draw(st.sampled_from(["file", "host"])), tier_dir=folder, refresh=draw(st.integers(1, 3)),
-                  window_bits=draw(st.sampled_from([0, 2, 4, 8])), window_group=draw(st.sampled_from([8, 16, 64])))
+                  window_bits=draw(st.sampled_from([0, 2, 4, 8])), window_key_bits=draw(st.sampled_from([0, 8])),
+                  window_group=draw(st.sampled_from([8, 16, 64])))
     chunk = draw(st.one_of(st.none(), st.integers(max(1, max(lengths) // 8), max(lengths))))
     return Scenario(draw(st.sampled_from(sorted(TINY_MODELS))), "tiered", params, lengths, chunk,
                     draw(st.integers(1, 40)), draw(st.integers(0, 2**16)))

@@ -192,6 +192,7 @@ def test_bytes_counted_are_the_bytes_held():
     ({"refresh": 0}, "refresh"),
     ({"window_bits": 3}, "bit width"),
     ({"window_group": 0}, "window_group"),
+    ({"window_key_bits": 5}, "bit width"),
     ({"tier": "disk"}, "tier must be"),
     ({"tier_dir": "/proc/tokensift-tier"}, "cannot be written"),
     ({"base": "snapkv", "base_budget": 64}, "no base"),
@@ -236,6 +237,23 @@ def test_gemma3_quantized_windows_hold_codes_and_stay_close(bits):
     selecting_full = sum(layer.kv_bytes_full for layer in cache.selecting_layers) // 2
     assert cache.kv_bytes_full_bf16 == selecting_full + 2 * per_layer_full  # every layer counted
     assert cache.kv_bytes_bf16 == cache.kv_bytes
+
+
+def test_gemma3_window_keys_at_more_bits_than_values():
+    from conftest import tiny_gemma3
+    from tokensift.storage.window import QuantizedWindowLayer
+
+    model = tiny_gemma3()
+    blocks = decode_blocks(prompt_len=60, steps=5)
+    full, _ = run_blocks(model, build_policy("full"), blocks)
+    four, _ = run_blocks(model, tiered(k=100, window_bits=4), blocks)
+    ours, cache = run_blocks(model, tiered(k=100, window_bits=4, window_key_bits=8), blocks)
+    assert (full.softmax(-1) - ours.softmax(-1)).abs().max() <= (full.softmax(-1) - four.softmax(-1)).abs().max()
+    for layer in (layer for layer in cache.layers if isinstance(layer, QuantizedWindowLayer)):
+        keys, values = layer.codes
+        assert (keys.bits, values.bits) == (8, 4)
+        assert keys.packed.nbytes == 2 * values.packed.nbytes == 2 * 15 * 16  # 2 heads x 15 tokens x dim 16, one byte each
+        assert layer.kv_bytes == keys.packed.nbytes + values.packed.nbytes + 2 * 2 * (2 * 15 * 1 * 2)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

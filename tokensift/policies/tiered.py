@@ -56,6 +56,9 @@ class Tiered(SparsePolicy):
     window_bits:
         Sliding-window layers (Gemma 3's local layers) hold their window as ``window_bits``-bit
         codes per token and group of ``window_group`` channels (0: leave them in full precision).
+    window_key_bits:
+        Bits of those windows' keys when they differ from their values' (0: ``window_bits``);
+        keys carry outlier channels and suffer more from few bits (KIVI, KVQuant).
     window_group:
         Channels per scale and zero-point in those layers.
     refresh:
@@ -76,6 +79,7 @@ class Tiered(SparsePolicy):
     tier_dir: str | None = None
     refresh: int = 1
     window_bits: int = 4
+    window_key_bits: int = 0
     window_group: int = 64
 
     def validate_method(self) -> None:
@@ -86,6 +90,8 @@ class Tiered(SparsePolicy):
             raise TokensiftError(f"tiered: group must be >= 1 (got {self.group})")
         if self.window_bits:
             check_bits(self.window_bits)
+        if self.window_key_bits:
+            check_bits(self.window_key_bits)
         if self.window_group < 1:
             raise TokensiftError(f"tiered: window_group must be >= 1 (got {self.window_group})")
         if self.refresh < 1:
@@ -106,7 +112,8 @@ class Tiered(SparsePolicy):
 
         if kind != "sliding_attention" or not self.window_bits:
             return None
-        return QuantizedWindowLayer(bits=self.window_bits, group=self.window_group, **kwargs)
+        return QuantizedWindowLayer(bits=self.window_bits, group=self.window_group, key_bits=self.window_key_bits or None,
+                                    **kwargs)
 
     def read(self, layer, query, key, value, query_valid, scaling):
         saved = layer.state.get(SELECTION)

@@ -1,7 +1,8 @@
 """A sliding-window layer (Gemma 3's local layers) holding its window as packed low-bit codes.
 
 Each token is quantized once, when it enters the window: per token, in groups of ``group``
-channels, asymmetric ``bits``-bit codes with fp16 scale and zero-point (the per-token layout
+channels, asymmetric ``bits``-bit codes (``key_bits`` for the keys, when given) with fp16 scale
+and zero-point (the per-token layout
 KIVI uses for values; at 4 bits it also serves keys). A step dequantizes the window, appends
 the new tokens exactly and attends as transformers' own layer does; the first block (the
 prefill) is attended exactly. Bytes held: codes + scales + zero-points of the ``window - 1``
@@ -47,9 +48,10 @@ def joined(old: QuantTensor | None, new: QuantTensor) -> QuantTensor:
 class QuantizedWindowLayer(WindowLayer):
     """transformers' sliding-window layer with its kept window stored as ``bits``-bit codes."""
 
-    def __init__(self, sliding_window: int, bits: int = 4, group: int = 64, **kwargs):
+    def __init__(self, sliding_window: int, bits: int = 4, group: int = 64, key_bits: int | None = None, **kwargs):
         super().__init__(sliding_window, **kwargs)
         self.bits, self.group = bits, group
+        self.key_bits = key_bits or bits
         self.codes: tuple[QuantTensor, QuantTensor] | None = None
         self.head_shape: tuple[int, int, int] | None = None
 
@@ -67,7 +69,8 @@ class QuantizedWindowLayer(WindowLayer):
         """Quantize the new tokens that stay in the window, drop those that left, free the exact copies."""
         kept, new = self.keys.shape[2], key_states.shape[2]
         fresh = min(new, kept)
-        codes = [quantize_grouped(x[:, :, new - fresh:], self.bits, self.group) for x in (key_states, value_states)]
+        codes = [quantize_grouped(x[:, :, new - fresh:], bits, self.group)
+                 for x, bits in ((key_states, self.key_bits), (value_states, self.bits))]
         if self.codes is not None and kept > fresh:
             codes = [joined(keep_last(old, kept - fresh), part) for old, part in zip(self.codes, codes)]
         self.codes = (codes[0], codes[1])
