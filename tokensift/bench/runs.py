@@ -197,13 +197,21 @@ def teacher_forced_logits(model, cache, tokens: list[int], chunk: int) -> torch.
     return torch.cat(outputs)
 
 
+def pending_work(context: RunContext, task: str, length: int, settings: list[Setting], samples: int) -> tuple[list, list]:
+    """The settings of a query-agnostic ``task`` cell still to run, and its instances (none built
+    when nothing is pending)."""
+    pending = context.results.pending(task, QUERY_AGNOSTIC, length, settings)
+    if not pending:
+        return [], []
+    return pending, build_instances(task, context.tokenizer, length, samples, context.config.seed)
+
+
 def run_ppl(context: RunContext, job: Job, settings: list[Setting]) -> None:
     """Perplexity per setting; each setting's row is written as soon as it is done (resumable)."""
     model, config, results, length = context.model, context.config, context.results, job.length
-    pending = results.pending("ppl", QUERY_AGNOSTIC, length, settings)
+    pending, instances = pending_work(context, "ppl", length, settings, config.ppl_samples)
     if not pending:
         return
-    instances = build_instances("ppl", context.tokenizer, length, config.ppl_samples, config.seed)
     recordings = [record_prefill(model, token_ids(model, [instance.context_ids])) for instance in instances]
     for s in pending:
         nll, kv = [], []
@@ -223,10 +231,9 @@ def run_ppl(context: RunContext, job: Job, settings: list[Setting]) -> None:
 def run_fidelity(context: RunContext, job: Job, settings: list[Setting]) -> None:
     """Greedy agreement with (and KL from) the full cache over a continuation, per setting."""
     model, config, results, length = context.model, context.config, context.results, job.length
-    pending = results.pending("fidelity", QUERY_AGNOSTIC, length, settings)
+    pending, instances = pending_work(context, "fidelity", length, settings, config.fidelity_samples)
     if not pending:
         return
-    instances = build_instances("fidelity", context.tokenizer, length, config.fidelity_samples, config.seed)
     match = {s: [] for s in pending}
     kl = {s: [] for s in pending}
     for instance in instances:

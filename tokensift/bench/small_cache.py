@@ -41,7 +41,7 @@ def policy_for(expression: str, length: int):
 
 
 def prompt(tokenizer, length: int, device=None) -> torch.Tensor:
-    from tokensift.bench.tasks.essays import essay_stream
+    from tokensift.data import essay_stream
 
     ids = essay_stream(tokenizer).ids[:length]
     return torch.tensor([ids], dtype=torch.long, device=device)

@@ -171,7 +171,7 @@ def fork_cache(model, prefilled, policy):
 
 def prompt_ids(tokenizer, length: int, device=None) -> torch.Tensor:
     try:
-        from tokensift.bench.tasks.essays import essay_stream
+        from tokensift.data import essay_stream
 
         ids = list(essay_stream(tokenizer).ids)
         while len(ids) < length:

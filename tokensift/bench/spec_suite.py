@@ -78,7 +78,7 @@ def humaneval_prompts(count: int) -> list[str]:
 
 
 def essay_chunks(count: int, chars: int = 1100) -> list[str]:
-    from tokensift.bench.tasks.essays import essay_texts
+    from tokensift.data import essay_texts
 
     essays = [e for e in essay_texts() if len(e) > 3 * chars]
     chunks = []

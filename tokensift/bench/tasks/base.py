@@ -11,7 +11,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
-from tokensift.bench.tasks.essays import EssayStream, encode
+from tokensift.data import EssayStream, encode
 from tokensift.bench.tasks.instance import QUERY_AGNOSTIC, TaskInstance, check_protocol
 from tokensift.errors import TokensiftError
 

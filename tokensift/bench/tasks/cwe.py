@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from tokensift.bench.tasks.base import Prompt, assemble
-from tokensift.bench.tasks.essays import encode, essay_words
+from tokensift.data import encode, essay_words
 from tokensift.bench.tasks.registry import Task, register
 
 NUM_COMMON = 5

@@ -11,7 +11,7 @@ question arrives after compression (query-agnostic), so the policy cannot know w
 from __future__ import annotations
 
 from tokensift.bench.tasks.base import Prompt, _random_start, assemble
-from tokensift.bench.tasks.essays import encode, essay_stream
+from tokensift.data import encode, essay_stream
 from tokensift.bench.tasks.registry import Task, register
 
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)

@@ -9,7 +9,7 @@ no gold text: the runner scores agreement with the full-cache continuation.
 
 from __future__ import annotations
 
-from tokensift.bench.tasks.essays import essay_stream
+from tokensift.data import essay_stream
 from tokensift.bench.tasks.instance import QUERY_AGNOSTIC, TaskInstance
 from tokensift.bench.tasks.registry import Task, register
 from tokensift.errors import TokensiftError

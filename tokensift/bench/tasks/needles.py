@@ -10,7 +10,7 @@ from __future__ import annotations
 import random
 
 from tokensift.bench.tasks.base import Prompt, assemble, haystack_with_inserts
-from tokensift.bench.tasks.essays import encode, essay_stream, essay_words
+from tokensift.data import encode, essay_stream, essay_words
 from tokensift.bench.tasks.instance import TaskInstance
 
 HEADER = (

@@ -8,7 +8,7 @@ negative log-likelihood of each. Nothing is generated, so the stream may use all
 
 from __future__ import annotations
 
-from tokensift.bench.tasks.essays import essay_stream
+from tokensift.data import essay_stream
 from tokensift.bench.tasks.instance import QUERY_AGNOSTIC, TaskInstance
 from tokensift.bench.tasks.registry import Task, register
 from tokensift.errors import TokensiftError
