@@ -232,9 +232,9 @@ def is_tiered(layer) -> bool:
 
 def tier_bytes(layer) -> int:
     """A tiered layer's second tier: the whole storage behind the K/V views it gives attention."""
-    if not is_tiered(layer) or vars(layer).get("keys") is None:
+    if not is_tiered(layer) or vars(layer)["store"]["keys"] is None:
         return 0
-    return sum(vars(layer)[name].untyped_storage().nbytes() for name in ("keys", "values"))
+    return sum(vars(layer)["store"][name].untyped_storage().nbytes() for name in ("keys", "values"))
 
 
 def held_bytes(layer) -> int:
@@ -242,14 +242,18 @@ def held_bytes(layer) -> int:
     found independently of the layer's own ``kv_bytes``: its tensors, packed blocks' codes and
     scales; for a tiered layer its key sketches' buffers and padding mask (its K/V views are the
     second tier, counted by :func:`tier_bytes`); for a quantized window its codes."""
-    names = ("keys", "values", "store_keys", "store_values", "tail_keys", "tail_values")
-    tensors = [vars(layer).get(name) for name in names if not is_tiered(layer)]
+    stored = vars(layer).get("store")  # the layer's TokenStore: its K/V and their append buffers
+    own = dict(stored.tensors) if stored is not None else {}
+    own |= {name: vars(layer).get(name) for name in ("store_keys", "store_values", "tail_keys", "tail_values", "keys", "values")
+            if vars(layer).get(name) is not None}
+    tensors = [own.get(name) for name in ("keys", "values", "store_keys", "store_values", "tail_keys", "tail_values")
+               if not is_tiered(layer)]
     for sketch in vars(layer).get("sketches") or []:
         tensors += [sketch.codes.data, sketch.scales.data, sketch.zeros.data]
     tensors += [vars(layer).get("mask") if is_tiered(layer) else None]
     for codes in vars(layer).get("codes") or []:  # a quantized sliding window: (keys, values)
         tensors += [codes.packed, codes.scale, codes.zero]
-    tensors += [vars(layer).get("_buffers", {}).get(name) for name in ("keys", "values")]  # append buffers
+    tensors += [stored.buffers.get(name) for name in ("keys", "values")] if stored is not None else []  # append buffers
     for block in vars(layer).get("blocks") or []:
         for row in block.rows:
             tensors += [row.key_scale, row.value_scale]

@@ -275,10 +275,10 @@ def test_decode_appends_write_only_new_rows(policy):
         layer = cache.selecting_layers[0]
         assert layer.kv_bytes == layer.keys.nbytes * 2  # the prefill block is stored exactly
         model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
-        buffer = layer._buffers["keys"]
+        buffer = layer.store.buffers["keys"]
         for step in range(10):
             model(torch.tensor([[6 + step]]), past_key_values=cache, use_cache=True)
-        assert layer._buffers["keys"] is buffer and layer.keys.data_ptr() == buffer.data_ptr()
+        assert layer.store.buffers["keys"] is buffer and layer.keys.data_ptr() == buffer.data_ptr()
         assert layer.kept == 71 == layer.positions.shape[-1] and layer.kv_bytes == buffer.nbytes * 2
         for step in range(11):
             model(torch.tensor([[5 + step]]), past_key_values=plain, use_cache=True)
@@ -292,17 +292,17 @@ def test_rollback_keeps_the_append_buffer_and_evicting_layers_stay_exact():
         model(random_ids(30), past_key_values=cache, use_cache=True)
         model(torch.tensor([[5]]), past_key_values=cache, use_cache=True)
         layer = cache.selecting_layers[0]
-        buffer = layer._buffers["keys"]
+        buffer = layer.store.buffers["keys"]
         model(torch.tensor([[6, 7, 8]]), past_key_values=cache, use_cache=True)
         cache.crop(31)
         model(torch.tensor([[9]]), past_key_values=cache, use_cache=True)
-    assert layer._buffers["keys"] is buffer and layer.kept == 32
+    assert layer.store.buffers["keys"] is buffer and layer.kept == 32
     evicting = make_cache(model, build_policy("h2o", budget=20, n_sink=2, window=4))
     with torch.inference_mode():
         model(random_ids(30), past_key_values=evicting, use_cache=True)
         model(torch.tensor([[5]]), past_key_values=evicting, use_cache=True)
     layer = evicting.selecting_layers[0]
-    assert layer.kept == 20 and layer.kv_bytes == layer.keys.nbytes * 2 and not layer._buffers
+    assert layer.kept == 20 and layer.kv_bytes == layer.keys.nbytes * 2 and not layer.store.buffers
 
 
 def eager_copy_of(cache):

@@ -16,8 +16,9 @@ from transformers.cache_utils import (
 
 from tokensift.policies.base import Policy
 from tokensift.selection import top_k
+from tokensift.tokens import TokenStore
 
-PER_SEQUENCE = ("keys", "values", "positions", "ranks", "valid", "sink", "valid_seen")
+TOKEN_TENSORS = ("keys", "values", "positions", "ranks", "valid", "sink")  # a layer's TokenStore
 
 SMALL_APPEND = 16  # appends of at most this many tokens (decode steps, draft trees) get spare room
 GROWTH_FRACTION = 16  # spare room: 1/16 of the layer (at least SMALL_APPEND slots)
@@ -25,29 +26,37 @@ GROWTH_FRACTION = 16  # spare room: 1/16 of the layer (at least SMALL_APPEND slo
 # cache.shared key of a pruning prefill's current token subset (tokensift.prefill.subset.Subset)
 SUBSET = "prefill_subset"
 
-def _lazy_metadata(name: str) -> property:
-    """A per-token metadata tensor that is brought up to date (see ``materialize``) when read."""
-    private = "_" + name
+def _stored(name: str) -> property:
+    """A tensor of the layer's :class:`~tokensift.tokens.TokenStore`."""
+    return property(lambda self: self.store.tensors[name], lambda self, value: self.store.__setitem__(name, value))
 
+
+def _lazy_metadata(name: str) -> property:
+    """A per-token metadata tensor of the store, brought up to date (see ``materialize``) when read."""
     def read(self):
         if self._pending or self._unmarked:
             self.materialize()
-        return getattr(self, private)
+        return self.store.tensors[name]
 
-    def write(self, value):
-        setattr(self, private, value)
+    return property(read, lambda self, value: self.store.__setitem__(name, value))
 
-    return property(read, write)
+
+def _lazy_valid_seen(self) -> torch.Tensor | None:
+    if self._pending or self._unmarked:
+        self.materialize()
+    return self._valid_seen
 
 
 class SelectingLayer(CacheLayerMixin):
     """One full-attention layer's cache under a policy.
 
-    Tensors, all gathered together on eviction (per KV head, so heads may differ):
-    ``keys``/``values`` ``[batch, kv_heads, kept, dim]``, ``positions`` (index in the padded
-    sequence), ``ranks`` (index among the sequence's real tokens: its RoPE position under
-    left padding), ``valid`` (False for padding), ``sink`` (protected first tokens), and the
-    policy's per-token statistics in ``token_state``.
+    Per-token tensors, held in one :class:`~tokensift.tokens.TokenStore` (``store``) and gathered
+    together on eviction (per KV head, so heads may differ): ``keys``/``values``
+    ``[batch, kv_heads, kept, dim]``, ``positions`` (index in the padded sequence), ``ranks``
+    (index among the sequence's real tokens: its RoPE position under left padding), ``valid``
+    (False for padding), ``sink`` (protected first tokens), and the policy's per-token
+    statistics in ``token_state`` (the store's ``statistics``). ``valid_seen`` counts each
+    sequence's real tokens seen.
 
     A layer whose policy keeps everything and watches nothing (``full``) lets that metadata
     wait: a decode step appends only K/V, and the positions, ranks... of those tokens are
@@ -59,35 +68,41 @@ class SelectingLayer(CacheLayerMixin):
     is_croppable = True
     subset_prefill = True  # takes a pruning prefill's token subset at true positions (tokensift.prefill)
     subset_positions = None  # true positions of the tokens of the last update, when it was such a subset
+    keys = _stored("keys")
+    values = _stored("values")
     positions = _lazy_metadata("positions")
     ranks = _lazy_metadata("ranks")
     valid = _lazy_metadata("valid")
     sink = _lazy_metadata("sink")
-    valid_seen = _lazy_metadata("valid_seen")
+    valid_seen = property(_lazy_valid_seen, lambda self, value: setattr(self, "_valid_seen", value))
+    token_state = property(lambda self: self.store.statistics,
+                           lambda self, value: setattr(self.store, "statistics", dict(value)))
 
     def __init__(self, layer_idx: int, num_layers: int, policy: Policy):
+        self.store = TokenStore(dict.fromkeys(TOKEN_TENSORS))
         super().__init__()
-        self._pending = 0  # newest tokens, all real (marked valid), whose metadata waits
-        self._unmarked = 0  # newest tokens appended but not yet marked by an attention call
         self.layer_idx = layer_idx
         self.num_layers = num_layers
         # where budgets and layer schedules place this layer: its index among the cache's selecting
         # (full-attention) layers and their count; set by SelectingCache (Gemma 3: 3 of 18 layers)
         self.depth, self.depths = layer_idx, num_layers
         self.policy = policy
+        self.shared: dict = {}
+        self.defer_eviction = False
+        self.lazy = _metadata_can_wait(self, policy)
+        self._forget_tokens()
+
+    def _forget_tokens(self) -> None:
+        """Hold nothing: no tokens seen, no policy state (a new or reset layer)."""
+        self.store.clear()
+        self.keys = self.values = None
+        self.is_initialized = False
+        self._pending = 0  # newest tokens, all real (marked valid), whose metadata waits
+        self._unmarked = 0  # newest tokens appended but not yet marked by an attention call
         self.seen = 0
         self.compressed = False
-        self.defer_eviction = False
-        self.positions: torch.Tensor | None = None
-        self.ranks: torch.Tensor | None = None
-        self.valid: torch.Tensor | None = None
-        self.sink: torch.Tensor | None = None
         self.valid_seen: torch.Tensor | None = None
-        self.token_state: dict[str, torch.Tensor] = {}
         self.state: dict = {}
-        self.shared: dict = {}
-        self._buffers: dict[str, torch.Tensor] = {}  # append buffers with spare room (see _append)
-        self.lazy = _metadata_can_wait(self, policy)
 
     # ------------------------------------------------------------ transformers API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -156,7 +171,7 @@ class SelectingLayer(CacheLayerMixin):
         if not pending and not unmarked:
             return
         self._pending = self._unmarked = 0
-        batch, heads = self._valid.shape[:2]
+        batch, heads = self.store["valid"].shape[:2]
         spare = self.growth_room(pending + unmarked)
         start = self.seen - pending - unmarked
         if pending:
@@ -174,25 +189,8 @@ class SelectingLayer(CacheLayerMixin):
         return max(SMALL_APPEND, (self.kept + new) // GROWTH_FRACTION)
 
     def _append(self, name: str, new: torch.Tensor, spare: int) -> torch.Tensor:
-        """``cat([self.<name>, new])`` along the token axis, written into spare room when there is some.
-
-        The result is a view of a buffer with ``spare`` free slots after it; the next append
-        writes just its own tokens there while the layer's tensor is still that view (or a
-        prefix of it, after a rollback). Anything else (eviction, reorder) starts a new buffer.
-        """
-        current, buffer = getattr(self, name), self._buffers.get(name)
-        held, total = current.shape[2], current.shape[2] + new.shape[2]
-        if not _is_prefix_view(current, buffer) or total > buffer.shape[2]:
-            if not spare:
-                self._buffers.pop(name, None)
-                if held == 0 and new.is_contiguous():
-                    return new  # nothing held yet: take the block as is (stored tensors are never written in place)
-                return torch.cat([current, new], dim=2)
-            buffer = current.new_empty(*current.shape[:2], total + spare, *current.shape[3:])
-            buffer[:, :, :held].copy_(current)
-            self._buffers[name] = buffer
-        buffer[:, :, held:total].copy_(new)
-        return buffer[:, :, :total]
+        """``cat([self.<name>, new])`` along the token axis (see :meth:`TokenStore.append`)."""
+        return self.store.append(name, new, spare)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """Kept tokens + new ones, offset so new tokens sit at their true positions."""
@@ -207,9 +205,21 @@ class SelectingLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        shared = self.shared
-        self.__init__(self.layer_idx, self.num_layers, self.policy)
-        self.shared = shared
+        self._forget_tokens()
+
+    # ------------------------------------------------------------ the token store
+    def tokens(self) -> TokenStore:
+        """The layer's per-token store, its metadata up to date (read it, fork it, stack it)."""
+        self.materialize()
+        return self.store
+
+    def adopt(self, store: TokenStore, valid_seen: torch.Tensor, seen: int, compressed: bool = True) -> None:
+        """Hold exactly the tokens of ``store`` (a fork, a stack of other layers' stores):
+        ``valid_seen`` real tokens seen per sequence, ``seen`` tokens seen in all."""
+        keys = store["keys"]
+        self.lazy_initialization(keys[:, :, :0], store["values"][:, :, :0])
+        self.store = store
+        self.valid_seen, self.seen, self.compressed = valid_seen, seen, compressed
 
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` tokens seen (negative: drop the newest ``-max_length``), as
@@ -254,31 +264,25 @@ class SelectingLayer(CacheLayerMixin):
         self.seen = start + count
 
     def _keep_tail(self, name: str, past: int, idx: torch.Tensor, in_order: bool) -> None:
-        """``self.<name>`` = its first ``past`` tokens + tokens ``past + idx``, written in place into
-        its append buffer when it has one (no copy of the past), else gathered."""
+        """``self.<name>`` = its first ``past`` tokens + tokens ``past + idx`` (no copy of the past
+        when it has an append buffer)."""
         tensor, count = getattr(self, name), int(idx.numel())
         if in_order:
             setattr(self, name, tensor[:, :, : past + count])  # a prefix: a view (keeps the buffer)
             return
-        tail = tensor.index_select(2, past + idx)
-        if _is_prefix_view(tensor, self._buffers.get(name)):
-            tensor[:, :, past:past + count].copy_(tail)
-            setattr(self, name, tensor[:, :, : past + count])
-        else:
-            setattr(self, name, torch.cat([tensor[:, :, :past], tail], dim=2))
+        self.store.replace_tail(name, past, tensor.index_select(2, past + idx))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.batch_select_indices(beam_idx)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        for name in PER_SEQUENCE:
-            setattr(self, name, getattr(self, name)[indices])
-        self.token_state = {k: v[indices] for k, v in self.token_state.items()}
+        self.materialize()
+        self.store.select_rows(indices)
+        self.valid_seen = self.valid_seen[indices]
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        for name in PER_SEQUENCE:
-            setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
-        self.token_state = {k: v.repeat_interleave(repeats, dim=0) for k, v in self.token_state.items()}
+        rows = torch.arange(self.valid_seen.shape[0], device=self.valid_seen.device)
+        self.batch_select_indices(rows.repeat_interleave(repeats))
 
     # ----------------------------------------------------------------- properties
     @property
@@ -314,8 +318,7 @@ class SelectingLayer(CacheLayerMixin):
 
     def _allocated(self, name: str) -> torch.Tensor:
         """The tensor holding ``self.<name>``'s memory: its append buffer, or itself."""
-        tensor, buffer = getattr(self, name), self._buffers.get(name)
-        return buffer if _is_prefix_view(tensor, buffer) else tensor
+        return self.store.allocated(name)
 
     @property
     def kv_bytes_full(self) -> int:
@@ -400,16 +403,7 @@ class SelectingLayer(CacheLayerMixin):
     def _gather_tokens(self, index) -> None:
         """Keep only ``index`` (a slice, or ``[batch, heads, n]`` indices) of every per-token tensor."""
         self.materialize()
-        def take(tensor: torch.Tensor) -> torch.Tensor:
-            if isinstance(index, slice):  # a prefix stays a view: the next append reuses its buffer
-                return tensor[:, :, index] if index.start in (None, 0) else tensor[:, :, index].contiguous()
-            idx = index if tensor.dim() == 3 else index[..., None].expand(-1, -1, -1, tensor.shape[-1])
-            return tensor.gather(2, idx)
-
-        self.keys, self.values = take(self.keys), take(self.values)
-        self.positions, self.ranks = take(self.positions), take(self.ranks)
-        self.valid, self.sink = take(self.valid), take(self.sink)
-        self.token_state = {k: take(v) for k, v in self.token_state.items()}
+        self.store.gather(index)
 
 
 class SelectingCache(Cache):
@@ -559,10 +553,3 @@ def _metadata_can_wait(layer: SelectingLayer, policy: Policy) -> bool:
     return (type(layer) is SelectingLayer and not policy.evicts and not policy.needs_attention
             and not policy.reads_subset and type(policy).observe is Policy.observe)
 
-
-def _is_prefix_view(tensor: torch.Tensor, buffer: torch.Tensor | None) -> bool:
-    """Whether ``tensor`` is ``buffer[:, :, :n]`` for some ``n`` (same storage start and strides)."""
-    return (
-        buffer is not None and tensor.data_ptr() == buffer.data_ptr() and tensor.stride() == buffer.stride()
-        and tensor.shape[:2] == buffer.shape[:2] and tensor.shape[3:] == buffer.shape[3:]
-    )

@@ -17,6 +17,7 @@ from tokensift.attention import after_attention, attention_view
 from tokensift.cache import SelectingCache, SelectingLayer
 from tokensift.engine import make_cache
 from tokensift.policies import build_policy
+from tokensift.tokens import TokenStore
 
 
 @dataclass
@@ -93,23 +94,6 @@ def merge_caches(caches: list[SelectingCache], model) -> SelectingCache:
 
 
 def _merge_selecting(target: SelectingLayer, sources: list[SelectingLayer]) -> None:
-    longest = max(source.kept for source in sources)
-
-    def stacked(name: str, fill) -> torch.Tensor:
-        parts = []
-        for source in sources:
-            tensor = getattr(source, name)
-            missing = longest - tensor.shape[2]
-            if missing:
-                pad_shape = (*tensor.shape[:2], missing, *tensor.shape[3:])
-                tensor = torch.cat([tensor, torch.full(pad_shape, fill, dtype=tensor.dtype, device=tensor.device)], dim=2)
-            parts.append(tensor)
-        return torch.cat(parts)
-
-    target.lazy_initialization(sources[0].keys, sources[0].values)
-    target.keys, target.values = stacked("keys", 0.0), stacked("values", 0.0)
-    target.positions, target.ranks = stacked("positions", 0), stacked("ranks", 0)
-    target.valid, target.sink = stacked("valid", False), stacked("sink", False)
-    target.valid_seen = torch.cat([source.valid_seen for source in sources])
-    target.seen = sources[0].seen
-    target.compressed = True
+    """``target`` holds the sources' sequences one after another (shorter ones padded with invalid slots)."""
+    store = TokenStore.stack([source.tokens() for source in sources])
+    target.adopt(store, torch.cat([source.valid_seen for source in sources]), sources[0].seen)

@@ -32,6 +32,7 @@ from tokensift.devices import clock, model_device, resolve_device, run_fields
 from tokensift.policies import build_policy
 from tokensift.selection import gather_attend, read_stats
 from tokensift.storage.sparse_layer import sparse_layer_class
+from tokensift.tokens import TokenStore
 
 K = 256
 METHODS = ("topk_attention", "tokenselect", "tidaldecode", "recycled_attention", "lessismore", "hisa")
@@ -68,13 +69,11 @@ def synthetic_layer(policy, keys: torch.Tensor, values: torch.Tensor, layer_idx:
     """A reading layer holding ``keys``/``values`` (shared, nothing evicted), as after a prefill."""
     layer = sparse_layer_class(policy.layer_class)(layer_idx, num_layers, policy)
     batch, heads, length, _ = keys.shape
-    layer.lazy_initialization(keys[:, :, :0], values[:, :, :0])
-    layer.keys, layer.values = keys, values
-    layer.positions = torch.arange(length, device=keys.device).expand(batch, heads, length)
-    layer.ranks = layer.positions
-    layer.valid = torch.ones(batch, heads, length, dtype=torch.bool, device=keys.device)
-    layer.sink = layer.positions < policy.n_sink
-    layer.seen, layer.valid_seen = length, torch.full((batch,), length, device=keys.device)
+    positions = torch.arange(length, device=keys.device).expand(batch, heads, length)
+    valid = torch.ones(batch, heads, length, dtype=torch.bool, device=keys.device)
+    tokens = TokenStore({"keys": keys, "values": values, "positions": positions, "ranks": positions,
+                         "valid": valid, "sink": positions < policy.n_sink})
+    layer.adopt(tokens, torch.full((batch,), length, device=keys.device), length, compressed=False)
     layer._query_len = 1
     return layer
 
@@ -154,18 +153,15 @@ def method_cases(query, key, value, scaling) -> dict:
 # ----------------------------------------------------------------- (b) end to end
 def fork_cache(model, prefilled, policy):
     """A new cache for ``policy`` holding the prefilled full cache's tokens (tensors shared)."""
-    from tokensift.engine import make_cache
-
     from tokensift.cache import SelectingLayer
+    from tokensift.engine import make_cache
 
     cache = make_cache(model, policy)
     for source, target in zip(prefilled.layers, cache.layers):
         if not isinstance(target, SelectingLayer):  # sliding-window layers (Gemma 3): append makes new tensors
             target.__dict__.update(source.__dict__)
             continue
-        for name in ("keys", "values", "positions", "ranks", "valid", "sink", "valid_seen", "dtype", "device"):
-            setattr(target, name, getattr(source, name))
-        target.seen, target.is_initialized = source.seen, True
+        target.adopt(source.tokens().fork(), source.valid_seen, source.seen, compressed=source.compressed)
     return cache
 
 

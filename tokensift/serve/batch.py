@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from tokensift.cache import PER_SEQUENCE, SelectingCache, SelectingLayer
+from tokensift.cache import SelectingCache, SelectingLayer
 from tokensift.engine import make_cache
+from tokensift.tokens import TokenStore
 
 
 def mergeable(cache: SelectingCache) -> bool:
@@ -74,37 +75,14 @@ def _row_slots(layer: SelectingLayer, row: int) -> torch.Tensor:
 
 
 def _fill_layer(target: SelectingLayer, sources: list[tuple[SelectingLayer, int]], lengths: list[int], seen: int) -> None:
-    slots = [_row_slots(layer, row) for layer, row in sources]
-    width = max(int(s.numel()) for s in slots)
-    pieces: dict[str, list[torch.Tensor]] = {name: [] for name in PER_SEQUENCE if name != "valid_seen"}
-    state_names = set().union(*(layer.token_state for layer, _ in sources))
-    states: dict[str, list[torch.Tensor]] = {name: [] for name in state_names}
-    for (layer, row), keep, length in zip(sources, slots, lengths):
-        pad = width - int(keep.numel())
-        shift = (seen - length) - (layer.seen - int(layer.valid_seen[row]))
-        for name in pieces:
-            tensor = getattr(layer, name)[row:row + 1].index_select(2, keep)
-            if name == "positions":
-                tensor = tensor + shift
-            pieces[name].append(_pad_left(tensor, pad))
-        for name in states:
-            tensor = layer.token_state[name][row:row + 1].index_select(2, keep)
-            states[name].append(_pad_left(tensor, pad))
+    """``target`` holds each source row's real slots, left-padded to the longest, at positions
+    shifted so that every row's real tokens end at ``seen``."""
+    pieces = []
+    for (layer, row), length in zip(sources, lengths):
+        piece = layer.tokens().row(row, _row_slots(layer, row))
+        piece["positions"] = piece["positions"] + (seen - length) - (layer.seen - int(layer.valid_seen[row]))
+        pieces.append(piece)
     first = sources[0][0]
-    target.dtype, target.device = first.dtype, first.device
-    for name, parts in pieces.items():
-        setattr(target, name, torch.cat(parts, dim=0))
-    target.valid_seen = torch.tensor(lengths, dtype=torch.long, device=first.device)
-    target.token_state = {name: torch.cat(parts, dim=0) for name, parts in states.items()}
-    target.seen = seen
-    target.compressed = any(layer.compressed for layer, _ in sources)
-    target.is_initialized = True
-
-
-def _pad_left(tensor: torch.Tensor, pad: int) -> torch.Tensor:
-    """Prepend ``pad`` zero slots (invalid, position 0) along the token axis."""
-    if pad == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[2] = pad
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=2)
+    valid_seen = torch.tensor(lengths, dtype=torch.long, device=first.device)
+    target.adopt(TokenStore.stack(pieces, pad_left=True), valid_seen, seen,
+                 compressed=any(layer.compressed for layer, _ in sources))

@@ -47,7 +47,7 @@ class CompactLayer(SelectingLayer):
         if not self.packed and self.is_initialized:
             self._pack()
             if self.packed:
-                self._buffers.clear()  # the expanded K/V's append buffers would stay alive, uncounted
+                self.store.drop_buffers()  # the expanded K/V's append buffers would stay alive, uncounted
 
     def _expanded(self, method, *args):
         """Run ``method`` on the expanded layer, then pack again."""

@@ -27,6 +27,7 @@ from transformers.cache_utils import CacheLayerMixin
 from tokensift.cache import SelectingLayer
 from tokensift.storage.sketch import KeySketch
 from tokensift.storage.tier import SecondTier
+from tokensift.tokens import TokenStore
 
 MIN_SPARE_ROWS = 64
 
@@ -37,17 +38,23 @@ class TieredLayer(SelectingLayer):
     subset_prefill = False  # positions are implicit (every token kept): no pruning prefill
 
     def __init__(self, layer_idx: int, num_layers: int, policy):
+        self.store = TokenStore(dict.fromkeys(("keys", "values")))  # views of the tier's rows
         CacheLayerMixin.__init__(self)
         self.layer_idx, self.num_layers, self.policy = layer_idx, num_layers, policy
-        self.seen = 0
-        self.compressed = False  # attention stays stock SDPA except on sparse reads
+        self.depth, self.depths = layer_idx, num_layers
         self.defer_eviction = False
         self.lazy = False
-        self._pending = self._unmarked = 0
-        self.token_state: dict = {}
-        self.state: dict = {}
         self.shared: dict = {}
-        self._buffers: dict = {}
+        self._forget_tokens()
+
+    def _forget_tokens(self) -> None:
+        self.store.clear()
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.seen = 0
+        self.compressed = False  # attention stays stock SDPA except on sparse reads
+        self._pending = self._unmarked = 0
+        self.state: dict = {}
         self.tier: SecondTier | None = None
         self.sketches: list[KeySketch] = []  # one per sequence: groups of its real tokens
         self.mask: torch.Tensor | None = None  # [batch, seen] bool: real token (not padding)
@@ -88,11 +95,6 @@ class TieredLayer(SelectingLayer):
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
-
-    def reset(self) -> None:
-        shared = self.shared
-        self.__init__(self.layer_idx, self.num_layers, self.policy)
-        self.shared = shared
 
     def crop(self, max_length: int) -> None:
         count = -max_length if max_length < 0 else self.seen - max_length
