@@ -73,26 +73,35 @@ def tokensift_attention(module, query, key, value, attention_mask, scaling=None,
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     batch, _, q_len, _ = query.shape
     query_valid = new_token_validity(attention_mask, batch, q_len, query.device)
-    layer.mark_new_tokens(query_valid)
-    if layer.is_plain:
-        output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    else:
-        output = layer.attend(query, key, value, query_valid, scaling, new_token_block(attention_mask, q_len))
-    record_queries(layer, query, scaling)
-    after_attention(layer, query, query_valid, scaling)
-    return output, None
+
+    def attend() -> torch.Tensor:
+        if layer.is_plain:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                          **kwargs)[0]
+        return layer.attend(query, key, value, query_valid, scaling, new_token_block(attention_mask, q_len))
+
+    return attention_step(layer, query, query_valid, scaling, attend), None
 
 
-def after_attention(layer: SelectingLayer, query: torch.Tensor, query_valid: torch.Tensor, scaling: float, view=None) -> None:
-    """Let the policy observe this call (statistics only if it needs them), then enforce the budget.
+def attention_step(layer: SelectingLayer, query: torch.Tensor, query_valid: torch.Tensor, scaling: float,
+                   attend=None, view_of=None) -> torch.Tensor | None:
+    """One attention call on a selecting layer whose new K/V ``update`` has appended: mark the new
+    tokens (padding, sinks), ``attend()`` (when an output is wanted; the replay wants none), let
+    the policy observe (statistics only if it needs them), then enforce the budget.
 
-    ``view`` may be passed in to share statistics between several caches of the same prompt.
+    ``view_of()`` (optional) gives the call's AttentionView, so several caches of the same
+    prompt can share its statistics (the replay).
     """
+    layer.mark_new_tokens(query_valid)
+    output = attend() if attend is not None else None
+    record_queries(layer, query, scaling)
     policy = layer.policy
-    if policy.needs_attention and view is None:
-        view = attention_view(layer, query, query_valid, scaling)
-    policy.observe(layer, view if policy.needs_attention else None)
+    view = None
+    if policy.needs_attention:
+        view = view_of() if view_of is not None else attention_view(layer, query, query_valid, scaling)
+    policy.observe(layer, view)
     layer.enforce_budget()
+    return output
 
 
 def record_queries(layer: SelectingLayer, query: torch.Tensor, scaling: float) -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tokensift.attention import after_attention, attention_view
+from tokensift.attention import attention_step, attention_view
 from tokensift.cache import SelectingCache, SelectingLayer
 from tokensift.engine import make_cache
 from tokensift.policies import build_policy
@@ -61,9 +61,9 @@ def replay(model, policy, recording: Recording) -> SelectingCache:
         if hasattr(layer, "cumulative_length"):  # a sliding-window layer was given only its window: the true count
             layer.cumulative_length = length
         if isinstance(layer, SelectingLayer):
-            layer.mark_new_tokens(valid)
             query, scaling = recording.queries[index]
-            after_attention(layer, query, valid, scaling, shared_view(recording, index, layer, query, valid, scaling))
+            attention_step(layer, query, valid, scaling,
+                           view_of=lambda: shared_view(recording, index, layer, query, valid, scaling))
     return cache
 
 

@@ -74,7 +74,7 @@ def synthetic_layer(policy, keys: torch.Tensor, values: torch.Tensor, layer_idx:
     tokens = TokenStore({"keys": keys, "values": values, "positions": positions, "ranks": positions,
                          "valid": valid, "sink": positions < policy.n_sink})
     layer.adopt(tokens, torch.full((batch,), length, device=keys.device), length, compressed=False)
-    layer._query_len = 1
+    layer.query_len = 1  # a decode step comes
     return layer
 
 

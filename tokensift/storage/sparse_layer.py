@@ -22,15 +22,15 @@ _LAYER_CLASSES: dict[type, type] = {}
 class SparseReadMixin:
     """Mixed into a SelectingLayer subclass: sparse reads for single-token decode queries."""
 
-    _query_len: int = 0
+    query_len: int = 0  # tokens of the coming attention call's query (set when they are marked)
 
     def mark_new_tokens(self, new_valid: torch.Tensor) -> None:
-        self._query_len = new_valid.shape[1]
+        self.query_len = new_valid.shape[1]
         super().mark_new_tokens(new_valid)
 
     def sparse_step(self) -> bool:
         """Will the coming attention call read a subset (one query token, policy says so)?"""
-        return self._query_len == 1 and self.policy.wants_sparse(self)
+        return self.query_len == 1 and self.policy.wants_sparse(self)
 
     @property
     def is_plain(self) -> bool:
