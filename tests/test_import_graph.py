@@ -1,6 +1,6 @@
 """The engine's imports run one way, and no module-level state carries the current layer.
 
-policies <- cache (layers, storage) <- hooks <- attention <- engine <- generate / bench / cli.
+policies <- tokens (the per-token store) <- cache (layers, storage) <- hooks <- attention <- engine <- generate / bench / cli.
 Read with ``ast`` (nothing imported), so the check holds whatever is already loaded.
 """
 
@@ -12,7 +12,7 @@ from pathlib import Path
 import tokensift
 
 PACKAGE = Path(tokensift.__file__).parent
-LAYERS = ["tokensift.cache", "tokensift.hooks", "tokensift.attention", "tokensift.engine"]  # lowest first
+LAYERS = ["tokensift.tokens", "tokensift.cache", "tokensift.hooks", "tokensift.attention", "tokensift.engine"]  # lowest first
 ABOVE_ENGINE = ("tokensift.generate", "tokensift.speculative", "tokensift.serve", "tokensift.bench", "tokensift.cli",
                 "tokensift.integration")
 

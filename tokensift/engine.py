@@ -1,7 +1,7 @@
 """Building a selecting cache for a model: the one place that wires the engine together.
 
-Imports run one way: policies <- cache (layers, storage) <- hooks <- attention <- engine <-
-generate / speculative / serve / bench / cli. :func:`make_cache` switches the model to the
+Imports run one way: policies <- tokens (the per-token store) <- cache (layers, storage) <-
+hooks <- attention <- engine <- generate / speculative / serve / bench / cli. :func:`make_cache` switches the model to the
 tokensift attention function, installs the hooks (the cache of each attention call, the input
 ids of each forward) and builds the cache.
 """
