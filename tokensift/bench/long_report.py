@@ -53,7 +53,8 @@ def headline(rows: list[dict], length: int) -> dict:
 
 
 def section_long(rows: list[dict]) -> str:
-    from tokensift.bench.report import fmt, markdown_table, size_order
+    from tokensift.bench.report import size_order
+    from tokensift.bench.table import fmt, markdown_table
 
     lengths = lengths_of(rows)
     if not lengths:

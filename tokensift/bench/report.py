@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from tokensift.bench.long_report import is_long, plot_long, section_long
+from tokensift.bench.results import read_rows
+from tokensift.bench.table import fmt, markdown_table  # noqa: F401  (re-exported)
 from tokensift.bench.tasks import QUERY_AGNOSTIC, RETRIEVAL_TASKS
+from tokensift.bench.timing import mean
 
 HEADLINE_THRESHOLD = 0.5
 
 
 def load_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a results file (:func:`~tokensift.bench.results.read_rows`)."""
+    return read_rows(path)
 
 
 def name_of(row: dict) -> str:
@@ -32,16 +35,6 @@ def size_order(label: str) -> tuple:
     if label == "all":
         return (2, 0.0)
     return (1, float(label[1:])) if label.startswith("r") else (0, float(label))
-
-
-def markdown_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def fmt(value, digits: int = 2) -> str:
-    return "–" if value is None else f"{value:.{digits}f}"
 
 
 def full_scores(rows: list[dict]) -> dict[tuple, float]:
@@ -134,11 +127,6 @@ def memory_points(rows: list[dict], tasks: list[str], length: int) -> dict[tuple
         if r["task"] in tasks and r["length"] == length and r["protocol"] == QUERY_AGNOSTIC and bf16_fraction(r):
             cells[(name_of(r), size_of(r))].append(r)
     return {key: group for key, group in cells.items() if len({r["task"] for r in group}) == len(tasks)}
-
-
-def mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
 
 
 def section_memory(rows: list[dict]) -> str:

@@ -1,5 +1,6 @@
-"""The result store: ``results.jsonl``, one row per finished cell, appended atomically and read
-back tolerant of a run killed mid-write; and the fields every row carries."""
+"""The result store: ``results.jsonl``, one row per finished cell (or measurement, for the suites
+that have no cells), appended atomically and read back tolerant of a run killed mid-write; a
+suite's run facts (``run.json``); and the fields every row carries."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 
 from tokensift.bench.config import BenchConfig, Setting, cell_key
 from tokensift.devices import resolve_device, resolve_dtype
+from tokensift.errors import TokensiftError
 
 
 def read_rows(path: Path, repair: bool = False) -> list[dict]:
@@ -44,6 +46,42 @@ def read_rows(path: Path, repair: bool = False) -> list[dict]:
     return rows
 
 
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` in a single write, flushed to disk, so parallel writers never interleave lines."""
+    data = "".join(json.dumps(row) + "\n" for row in rows).encode()
+    handle = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(handle, data) != len(data):
+            raise OSError(f"short write to {path}")
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def write_rows(path: Path, rows: list[dict]) -> None:
+    """Replace the file with ``rows``, atomically (a temporary file renamed over it)."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    os.replace(temporary, path)
+
+
+RUN_FILE = "run.json"
+
+
+def write_run(out_dir: Path, facts: dict) -> None:
+    """Facts about the run a suite's report states that no row holds (machine load before and
+    after, what was asked for), in ``out_dir/run.json``."""
+    (Path(out_dir) / RUN_FILE).write_text(json.dumps(facts, indent=1) + "\n")
+
+
+def read_run(out_dir: Path) -> dict:
+    """What :func:`write_run` wrote (a one-line error when the folder has none)."""
+    path = Path(out_dir) / RUN_FILE
+    if not path.is_file():
+        raise TokensiftError(f"{path} is missing: the report needs the run's facts written there by the suite's run")
+    return json.loads(path.read_text())
+
+
 class Results:
     """``results.jsonl``: one row per finished cell; rerunning skips what is there.
 
@@ -61,14 +99,7 @@ class Results:
 
     def write(self, row: dict) -> None:
         """Append one row in a single write, so parallel workers never interleave lines."""
-        line = (json.dumps(row) + "\n").encode()
-        handle = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            if os.write(handle, line) != len(line):
-                raise OSError(f"short write to {self.path}")
-            os.fsync(handle)
-        finally:
-            os.close(handle)
+        append_rows(self.path, [row])
         self.done.add(row["cell"])
 
 
