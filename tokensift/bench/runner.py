@@ -12,7 +12,9 @@ Cells are (task, protocol, length, policy, budget). The pieces, one job each:
   jobs spread over workers;
 - :mod:`tokensift.bench.progress`: the progress bar.
 
-This module drives a run (:func:`run_bench`) and re-exports the names other modules import.
+This module drives a run (:func:`run_bench`), declares the four text suites as one
+:class:`~tokensift.bench.suite.Suite` (``SUITE``: ``bench --suite quick|standard|full|long``) and
+re-exports the names other modules import.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from tokensift.bench.runs import (  # noqa: F401  (re-exported)
     MERGE_ROWS, MERGE_TOKENS, RUNS, RunContext, answer_scores, decode_chunk, is_mergeable, merge_groups, run_cost,
     run_fidelity, run_gated, run_ppl, run_retrieval, teacher_forced_logits, token_ids,
 )
+from tokensift.bench.suite import Suite
 from tokensift.devices import resolve_device, resolve_dtype, run_fields
 from tokensift.errors import TokensiftError
 
@@ -104,3 +107,25 @@ def run_bench(config: BenchConfig, out: Path, model=None, tokenizer=None, worker
                 progress.note(f"cost {length} done")
     write_report(out)
     console.print(f"results: {out / 'results.jsonl'}  report: {out / 'report.md'}")
+
+
+def run_text_suite(out: Path, *, suite: str, device: str = "cpu", dtype: str = "float32", workers: int = 1,
+                   ray: str | None = None, **overrides) -> None:
+    """``bench --suite quick|standard|full|long``: the suite's :class:`BenchConfig`, the options given winning."""
+    config = BenchConfig.for_suite(suite, device=device, dtype=dtype, **overrides)
+    run_bench(config, out, workers=workers, ray=ray)
+
+
+def write_text_report(out: Path) -> None:
+    from tokensift.bench.report import write_report
+
+    write_report(Path(out))
+
+
+SUITE = Suite(
+    names=tuple(SUITES),
+    options=("suite", "model", "policies", "budgets", "ratios", "lengths", "tasks", "protocols", "samples", "seed",
+             "full_only_tasks", "lm_budgets", "workers", "ray", "kernels"),
+    runner=f"{__name__}:run_text_suite",
+    reporter=f"{__name__}:write_text_report",
+)
