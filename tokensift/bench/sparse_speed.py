@@ -20,14 +20,16 @@ next to each section.
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 import platform
 import statistics
 
 import torch
 
+from tokensift.bench.results import append_rows, read_rows, write_rows
+from tokensift.bench.suite import Suite
+from tokensift.bench.table import fmt, markdown_table
+from tokensift.bench.timing import interleaved_medians, load_1min, load_averages, median_time
 from tokensift.devices import clock, model_device, resolve_device, run_fields
 from tokensift.policies import build_policy
 from tokensift.selection import gather_attend, read_stats
@@ -40,28 +42,6 @@ SHAPES = {"smollm2-135m (9q/3kv/64)": (9, 3, 64), "wide synthetic (32q/8kv/128)"
 CONTEXTS = (8192, 16384, 32768)
 THREADS = (2, 1)
 FULL_BUFFERED = "full (buffered append)"
-
-
-def load() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def median_time(fn, repeats: int, warmup: int = 2, device=None) -> float:
-    return interleaved_medians({"only": fn}, repeats, warmup, device)["only"]
-
-
-def interleaved_medians(cases: dict, repeats: int, warmup: int = 2, device=None) -> dict[str, float]:
-    """Median seconds of each callable, timed round-robin so load drift hits all alike."""
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            start = clock(device)
-            fn()
-            times[name].append(clock(device) - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 # ----------------------------------------------------------------------- (a) kernel
@@ -113,7 +93,7 @@ def kernel_rows(repeats: int, threads: int, device=None) -> list[dict]:
             cases = {"full: sdpa enable_gqa": gqa, "full: sdpa packed gqa": packed,
                      "gather k + sdpa (index given)": lambda: gather_attend(query, key, value, index, ok, scaling)}
             cases.update(method_cases(query, key, value, scaling))
-            before = load()
+            before = load_averages()
             medians = interleaved_medians(cases, repeats, device=device)
             full = min(medians["full: sdpa enable_gqa"], medians["full: sdpa packed gqa"])
             record = {"section": "kernel", "threads": threads, "shape": shape_name, "q_heads": q_heads,
@@ -252,7 +232,7 @@ def end_to_end_rows(context: int, steps: int, rounds: int, threads: tuple[int, .
             for _ in range(rounds):  # interleaved rounds: drift in machine load hits every method alike
                 for name, policy in policies.items():
                     cache = fork_cache(model, prefilled, policy)
-                    loads.append(os.getloadavg()[0])
+                    loads.append(load_1min(digits=None))
                     step_shares: list[dict] = []
                     step_times, out = decode(model, cache, first, steps, step_shares)
                     times[name].extend(step_times[1:])  # the first step pays one-off allocations
@@ -299,7 +279,7 @@ def breakdown_row(prefilled, context: int, threads: int, q_heads: int = 9) -> di
     append = median_time(lambda: (torch.cat([keys, new], 2), torch.cat([values, new], 2)), 9, device=keys.device)
     layers = len(prefilled.selecting_layers)
     return {"section": "breakdown", "threads": threads, "context": context, "layers": layers, "dense_attention_s_per_token": attend * layers,
-            "kv_append_cat_s_per_token": append * layers, "load": load()}
+            "kv_append_cat_s_per_token": append * layers, "load": load_averages()}
 
 
 # ------------------------------------------------------------------------- report
@@ -310,10 +290,9 @@ def write_report(rows: list[dict], out_dir: pathlib.Path) -> None:
     kernel = [r for r in rows if r["section"] == "kernel"]
     for threads in sorted({r["threads"] for r in kernel}, reverse=True):
         part = [r for r in kernel if r["threads"] == threads]
+        body = [[r["shape"], r["context"], r["case"], fmt(r["seconds"] * 1e3, 3), fmt(r["speedup"], 2, "x")] for r in part]
         lines += [f"## (a) Attention alone, one layer, one decode step — {threads} thread(s)", "",
-                  "| shape | context | case | ms | speedup vs full SDPA |", "|---|---:|---|---:|---:|"]
-        for r in part:
-            lines.append(f"| {r['shape']} | {r['context']} | {r['case']} | {r['seconds'] * 1e3:.3f} | {r['speedup']:.2f}x |")
+                  markdown_table(["shape", "context", "case", "ms", "speedup vs full SDPA"], body, align="lrlrr")]
         loads = sorted(r["load"][0] for r in part)
         lines += ["", f"1-min load average during this table: {loads[0]}–{loads[-1]} (2 cores).", ""]
     e2e = [r for r in rows if r["section"] == "end_to_end"]
@@ -329,23 +308,28 @@ def write_report(rows: list[dict], out_dir: pathlib.Path) -> None:
                   "(same append path as the sparse methods), so that column isolates the gain of reading a subset. "
                   "Attention ms/step: median time inside the attention function per decode step, full-attention "
                   "layers (where a policy reads a subset) / sliding-window layers; share = both / step time.", "",
-                  "| policy | tokens/s | ms/token | speedup vs full | vs full (buffered append) | greedy agreement with full | "
-                  "sparse/dense layer-reads | attention ms/step full / sliding | attention share of step |",
-                  "|---|---:|---:|---:|---:|---:|---|---|---:|"]
-        for r in part:
-            reads = r["reads"]
-            detail = f"{reads.get('sparse', 0)}/{reads.get('dense', 0)}" if reads else "-"
-            split = r.get("attention_s_per_step") or {}
-            attention = f"{split.get('full', 0) * 1e3:.1f} / {split.get('sliding', 0) * 1e3:.1f}" if split else "-"
-            share = f"{r['attention_share']:.0%}" if r.get("attention_share") is not None else "-"
-            lines.append(f"| {r['policy']} | {r['tokens_per_s']:.2f} | {r['median_step_s'] * 1e3:.1f} | {r['speedup']:.2f}x | "
-                         f"{r['speedup_vs_full_buffered']:.2f}x | {r['greedy_agreement_with_full']:.2f} | {detail} | {attention} | {share} |")
+                  markdown_table(END_TO_END_HEADER, [end_to_end_cells(r) for r in part], align="lrrrrrllr")]
         for r in rows:
             if r["section"] == "breakdown" and r["threads"] == threads and r["context"] == context:
                 lines += ["", f"Per-token cost at {r['context']} tokens over {r['layers']} full-attention layers ({threads} thread(s)): dense "
                           f"attention {r['dense_attention_s_per_token'] * 1e3:.1f} ms; appending the new K/V the stock way "
                           f"(torch.cat of the whole layer cache) {r['kv_append_cat_s_per_token'] * 1e3:.1f} ms.", ""]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
+
+
+END_TO_END_HEADER = ["policy", "tokens/s", "ms/token", "speedup vs full", "vs full (buffered append)", "greedy agreement with full",
+                     "sparse/dense layer-reads", "attention ms/step full / sliding", "attention share of step"]
+
+
+def end_to_end_cells(r: dict) -> list:
+    """One policy's row of the end-to-end table."""
+    reads = r["reads"]
+    detail = f"{reads.get('sparse', 0)}/{reads.get('dense', 0)}" if reads else "-"
+    split = r.get("attention_s_per_step") or {}
+    attention = f"{fmt(split.get('full', 0) * 1e3, 1)} / {fmt(split.get('sliding', 0) * 1e3, 1)}" if split else "-"
+    share = f"{r['attention_share']:.0%}" if r.get("attention_share") is not None else "-"
+    return [r["policy"], fmt(r["tokens_per_s"]), fmt(r["median_step_s"] * 1e3, 1), fmt(r["speedup"], 2, "x"),
+            fmt(r["speedup_vs_full_buffered"], 2, "x"), fmt(r["greedy_agreement_with_full"]), detail, attention, share]
 
 
 def plot(rows: list[dict], out_dir: pathlib.Path) -> None:
@@ -417,15 +401,23 @@ def run_sparse_speed(out_dir: pathlib.Path, *, kernel_repeats: int = 15, context
             loaded = load_model(model, device=device, dtype=dtype)
             for length in lengths or [context]:
                 rows += end_to_end_rows(length, steps, rounds, e2e_threads, model, loaded)
-                with open(out_dir / "results.partial.jsonl", "a") as handle:  # progress survives a long run
-                    handle.write(json.dumps(rows[-1]) + "\n")
+                append_rows(out_dir / "results.partial.jsonl", rows[-1:])  # progress survives a long run
     finally:
         torch.set_num_threads(previous)
-    with open(out_dir / "results.jsonl", "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
+    write_rows(out_dir / "results.jsonl", rows)
+    report(out_dir)
+
+
+def report(out_dir: pathlib.Path) -> None:
+    """report.md and sparse_speed.png from ``out_dir/results.jsonl``."""
+    out_dir = pathlib.Path(out_dir)
+    rows = read_rows(out_dir / "results.jsonl")
     write_report(rows, out_dir)
     plot(rows, out_dir)
+
+
+SUITE = Suite(names=("sparse-speed",), options=("model", "lengths"), runner=f"{__name__}:run_sparse_speed",
+              reporter=f"{__name__}:report")
 
 
 if __name__ == "__main__":
