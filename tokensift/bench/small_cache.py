@@ -11,15 +11,16 @@ and exact rows read from it per step.
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 from pathlib import Path
 
 import torch
 
 from tokensift.bench import metrics
-from tokensift.bench.report import fmt, markdown_table
+from tokensift.bench.results import read_rows, write_rows
+from tokensift.bench.suite import Suite
+from tokensift.bench.table import fmt, markdown_table
+from tokensift.bench.timing import load_1min
 from tokensift.devices import clock, model_device, run_fields
 from tokensift.errors import TokensiftError
 from tokensift.policies import build_policy
@@ -65,7 +66,7 @@ def decode_round_robin(model, caches: dict, first: torch.Tensor, length: int, st
     return times
 
 
-def length_rows(model, tokenizer, length: int, expressions: list[str], steps: int) -> list[dict]:
+def length_rows(model, tokenizer, length: int, expressions: list[str], steps: int, label: str = "smollm2") -> list[dict]:
     from tokensift.bench.replay import record_prefill, replay
 
     device = model_device(model)
@@ -75,7 +76,7 @@ def length_rows(model, tokenizer, length: int, expressions: list[str], steps: in
     policies = {expression: policy_for(expression, length) for expression in expressions}
     caches = {name: replay(model, policy, recording) for name, policy in policies.items()}
     memory = {name: metrics.kv_figures(cache) for name, cache in caches.items()}  # after compression, before decoding
-    load = os.getloadavg()[0]
+    load = load_1min(digits=None)
     times = decode_round_robin(model, caches, recording.logits.argmax(-1), length, steps)
     full_step = statistics.median(times["full"][1:]) if "full" in times else None
     rows = []
@@ -84,7 +85,7 @@ def length_rows(model, tokenizer, length: int, expressions: list[str], steps: in
         stats = read_stats(caches[name])
         fetched = stats.get("fetched_rows", 0) / max(stats.get("sparse", 0), 1) if stats.get("sparse") else None
         rows.append({
-            "length": length, "policy": name, "label": policy.describe(), "params": policy.params(),
+            "length": length, "policy": name, "label": policy.describe(), "params": policy.params(), "model": label,
             "step_seconds": step, "tokens_per_second": 1 / step, "speed_vs_full": full_step / step if full_step else None,
             "fetched_rows_per_layer_step": fetched, "prefill_seconds_full": prefill, "load": load,
             "threads": torch.get_num_threads(), **run_fields(model), **memory[name],
@@ -95,6 +96,7 @@ def length_rows(model, tokenizer, length: int, expressions: list[str], steps: in
 
 
 def write_report(rows: list[dict], out: Path, model: str) -> None:
+    """report.md: one table of every policy at every length."""
     body = [[r["length"], r["label"], fmt(1 / r["kv_fraction_bf16"], 1), fmt(r["kv_fraction_bf16"], 3), fmt(r["kv_fraction"], 3),
              fmt(r["tier_bytes"] / 2**20, 1) if r["tier_bytes"] else "–", fmt(r["tokens_per_second"], 2),
              fmt(r["speed_vs_full"]), fmt(r["fetched_rows_per_layer_step"], 0)] for r in rows]
@@ -125,8 +127,16 @@ def run_small_cache(out: Path, *, model: str | None = None, lengths: list[int] |
     rows = []
     with packed_linears(loaded):
         for length in lengths or DEFAULT_LENGTHS:
-            rows += length_rows(loaded, tokenizer, length, expressions, steps)
-    with open(out / "results.jsonl", "w") as handle:
-        for row in rows:
-            handle.write(json.dumps(row) + "\n")
-    write_report(rows, out, model or "smollm2")
+            rows += length_rows(loaded, tokenizer, length, expressions, steps, model or "smollm2")
+    write_rows(out / "results.jsonl", rows)
+    report(out)
+
+
+def report(out: Path) -> None:
+    """report.md from ``out/results.jsonl`` (rows written before they named the model: smollm2)."""
+    rows = read_rows(Path(out) / "results.jsonl")
+    write_report(rows, Path(out), rows[0].get("model", "smollm2") if rows else "smollm2")
+
+
+SUITE = Suite(names=("small-cache",), options=("model", "lengths", "policies"), runner=f"{__name__}:run_small_cache",
+              reporter=f"{__name__}:report")
