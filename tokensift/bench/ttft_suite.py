@@ -14,14 +14,15 @@ paired ratio full TTFT / policy TTFT. Rows resume per (task, protocol, length).
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
 from pathlib import Path
 
 import torch
 
-from tokensift.bench.report import fmt, markdown_table
+from tokensift.bench.results import append_rows, read_rows
+from tokensift.bench.suite import Suite
+from tokensift.bench.table import fmt, markdown_table
+from tokensift.bench.timing import geomean, load_1min
 from tokensift.devices import clock, model_device
 from tokensift.errors import TokensiftError
 
@@ -110,18 +111,10 @@ def rows_of(record: dict, prefills: dict, task: str, protocol: str, length: int,
             "task": task, "protocol": protocol, "length": length, "prefill": name,
             "params": prefills[name].params(), "score": statistics.fmean(entry["scores"]), "scores": entry["scores"],
             "ttft_median": statistics.median(entry["ttft"]), "ttft": entry["ttft"], "prefill_seconds": entry["prefill"],
-            "speedup_vs_full": geometric_mean(ratios) if ratios else None,
+            "speedup_vs_full": geomean(ratios) if ratios else None,
             "kept_tokens_per_layer": statistics.fmean(entry["kept"]), "samples": len(entry["scores"]), **fields,
         })
     return rows
-
-
-def geometric_mean(values: list[float]) -> float:
-    return float(torch.tensor(values, dtype=torch.float64).log().mean().exp())
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
 
 def run_ttft_suite(out_dir: Path, model: str | None = None, lengths=(4096,), tasks=DEFAULT_TASKS,
@@ -140,7 +133,7 @@ def run_ttft_suite(out_dir: Path, model: str | None = None, lengths=(4096,), tas
     model_label = model or "smollm2"
     model_obj, tokenizer = load_model(model_label, device=device, dtype=dtype)
     results = out_dir / "results.jsonl"
-    done = {(r["task"], r["protocol"], r["length"]) for r in read_rows(results)}
+    done = {(r["task"], r["protocol"], r["length"]) for r in read_rows(results, repair=True)}
     fields = {"model": model_label, "threads": torch.get_num_threads(), "kernels": "packed", "seed": seed,
               "dtype": str(next(model_obj.parameters()).dtype).replace("torch.", "")}
     with packed_linears(model_obj):
@@ -150,10 +143,8 @@ def run_ttft_suite(out_dir: Path, model: str | None = None, lengths=(4096,), tas
                     if (task, protocol, length) in done:
                         continue
                     record = run_cell(model_obj, tokenizer, built, task, protocol, length, samples, seed)
-                    load = {"load": round(os.getloadavg()[0], 2)}
-                    with results.open("a") as handle:
-                        for row in rows_of(record, built, task, protocol, length, fields | load):
-                            handle.write(json.dumps(row) + "\n")
+                    load = {"load": load_1min()}
+                    append_rows(results, rows_of(record, built, task, protocol, length, fields | load))
                     print(f"ttft: {task} {protocol} {length} done", flush=True)
     write_report(out_dir)
 
@@ -175,6 +166,11 @@ def write_report(out_dir: Path) -> None:
     plot(rows, Path(out_dir) / "score_vs_ttft.png")
 
 
+SUITE = Suite(names=("ttft",), options=("model", "lengths", "tasks", "protocols", "policies", "samples", "seed"),
+              runner=f"{__name__}:run_ttft_suite", reporter=f"{__name__}:write_report",
+              renames={"policies": "prefills"})  # --policies: prefill policies
+
+
 def table(rows: list[dict]) -> str:
     full = {r["task"]: r for r in rows if r["prefill"] == "full"}
     body = []
@@ -182,7 +178,7 @@ def table(rows: list[dict]) -> str:
         base = full.get(r["task"])
         delta = "" if base is None or r["prefill"] == "full" else f"{100 * (r['score'] - base['score']):+.0f}"
         body.append([r["task"], r["prefill"], fmt(r["score"]), delta, fmt(r["ttft_median"], 1),
-                     fmt(r["speedup_vs_full"]) + "x" if r["speedup_vs_full"] else "", fmt(r["kept_tokens_per_layer"], 0)])
+                     fmt(r["speedup_vs_full"], 2, "x") if r["speedup_vs_full"] else "", fmt(r["kept_tokens_per_layer"], 0)])
     return markdown_table(["task", "prefill", "score", "Δ vs full", "TTFT s", "speed-up", "tokens kept / layer"], body)
 
 
