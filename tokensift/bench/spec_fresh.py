@@ -28,7 +28,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tokensift.bench.spec_suite import CATEGORIES, _env, _geomean, _mean, spec_prompts
+from tokensift.bench.results import append_rows, read_rows, read_run, write_run
+from tokensift.bench.spec_suite import CATEGORIES, _env, spec_prompts
+from tokensift.bench.suite import Suite
+from tokensift.bench.table import fmt, markdown_table
+from tokensift.bench.timing import geomean, load_1min, load_averages, mean
 
 HELDOUT_FILE = Path(__file__).with_name("spec_heldout.json")
 ARM_FLAGS = {"plain": [], "auto": ["--speculate", "auto"], "auto_cold": ["--speculate", "auto", "--no-spec-warm"],
@@ -87,9 +91,9 @@ def run_spec_fresh(out_dir: Path, model: str | None = None, device: str = "cpu",
         prompts += [dict(p, split="heldout") for p in heldout_prompts(tokenizer)]
     order = sorted(range(len(prompts)), key=lambda i: (int(prompts[i]["name"].rsplit("-", 1)[1]), i))  # categories interleaved
     results_path = out_dir / "results.jsonl"
-    done = {(r["prompt"], r["arm"], r.get("repeat", 0)) for r in map(json.loads, results_path.open())} if results_path.exists() else set()
-    load_before = os.getloadavg()
-    with tempfile.TemporaryDirectory() as folder, results_path.open("a") as sink:
+    done = {(r["prompt"], r["arm"], r.get("repeat", 0)) for r in read_rows(results_path, repair=True)}
+    load_before = load_averages(digits=None)
+    with tempfile.TemporaryDirectory() as folder:
         for position, index in enumerate(order):
             prompt = prompts[index]
             prompt_file = Path(folder) / f"{prompt['name']}.txt"
@@ -97,7 +101,7 @@ def run_spec_fresh(out_dir: Path, model: str | None = None, device: str = "cpu",
             for repeat in range(repeats):
                 rotated = arms[(position + repeat) % len(arms):] + arms[:(position + repeat) % len(arms)]
                 rotated = [arm for arm in rotated if (prompt["name"], arm, repeat) not in done]
-                before = round(os.getloadavg()[0], 2)
+                before = load_1min()
                 if concurrent:  # every arm at once: whatever else runs hits them alike
                     started = {arm: start_cli(prompt_file, arm, new_tokens, threads, model, device, dtype) for arm in rotated}
                     outputs = {arm: finish_cli(process, arm) for arm, process in started.items()}
@@ -112,16 +116,23 @@ def run_spec_fresh(out_dir: Path, model: str | None = None, device: str = "cpu",
                               "steps": out.get("steps"), "accepted_per_step": out.get("accepted_per_step"),
                               "mean_tree_nodes": out.get("mean_tree_nodes"), "accepted_by_drafter": out.get("accepted_by_drafter"),
                               "token_ids": out["token_ids"], "concurrent": concurrent, "load_before": before,
-                              "load_after": round(os.getloadavg()[0], 2)}
-                    sink.write(json.dumps(record) + "\n")
-                    sink.flush()
+                              "load_after": load_1min()}
+                    append_rows(results_path, [record])
                     print(f"[spec-fresh] {prompt['name']} {arm}: {record['tokens_per_second']:.1f} tok/s", flush=True)
-    records = [json.loads(line) for line in results_path.open()]
-    write_report(out_dir, records, load_before, os.getloadavg(), new_tokens, threads)
+    write_run(out_dir, {"load_before": load_before, "load_after": load_averages(digits=None), "new_tokens": new_tokens,
+                        "threads": threads})
+    report(out_dir)
+
+
+def report(out_dir: Path) -> None:
+    """report.md from ``out_dir``'s results.jsonl and run.json."""
+    facts = read_run(out_dir)
+    write_report(Path(out_dir), read_rows(Path(out_dir) / "results.jsonl"), facts["load_before"], facts["load_after"],
+                 facts["new_tokens"], facts["threads"])
 
 
 def _cell(value: float, suffix: str = "") -> str:
-    return "-" if value != value else f"{value:.2f}{suffix}"
+    return fmt(value, 2, suffix, missing="-", nan_missing=True)
 
 
 def write_report(out_dir: Path, records: list[dict], load_before, load_after, new_tokens: int, threads: int) -> None:
@@ -155,27 +166,25 @@ def write_report(out_dir: Path, records: list[dict], load_before, load_after, ne
         if not sel_split:
             continue
         title = "Spec-suite prompts" if split == "suite" else "Held-out split (fixed before tuning, never used to tune)"
-        lines += [f"## {title}", "",
-                  "| category | prompts | " + " | ".join(f"tok/s {a}" for a in arms) + " | " +
-                  " | ".join(f"tokens/step {a}" for a in arms if a != "plain") + " | " +
-                  " | ".join(f"{a} vs {b}" for a, b in pairs) + " |",
-                  "|---|---|" + "---|" * (len(arms) + len(arms) - 1 + len(pairs))]
-        cat_rows = {}
+        header = ["category", "prompts", *(f"tok/s {a}" for a in arms), *(f"tokens/step {a}" for a in arms if a != "plain"),
+                  *(f"{a} vs {b}" for a, b in pairs)]
+        cat_rows, body = {}, []
         for category in CATEGORIES + ("overall",):
             sel = sel_split if category == "overall" else [r for r in sel_split if r["category"] == category]
             if not sel:
                 continue
             if category == "overall":
-                row = {p: _geomean([cat_rows[c][p] for c in cat_rows]) for p in pairs}
+                row = {p: geomean([cat_rows[c][p] for c in cat_rows]) for p in pairs}
             else:
-                row = {p: _geomean(ratios(*p, sel)) for p in pairs}
+                row = {p: geomean(ratios(*p, sel)) for p in pairs}
                 cat_rows[category] = row
             count = len({r["prompt"] for r in sel})
-            lines.append(f"| {category} | {count} | " + " | ".join(_cell(_mean([r['tokens_per_second'] for r in sel if r['arm'] == a])) for a in arms)
-                         + " | " + " | ".join(_cell(_mean([r['accepted_per_step'] or float('nan') for r in sel if r['arm'] == a])) for a in arms if a != "plain")
-                         + " | " + " | ".join(_cell(row[p], "x") for p in pairs) + " |")
-        lines.append("")
-    lines += ["Per prompt (tok/s; ratio to plain):", "", "| split | prompt | " + " | ".join(arms) + " |", "|---|---|" + "---|" * len(arms)]
+            body.append([category, count, *(_cell(mean([r["tokens_per_second"] for r in sel if r["arm"] == a])) for a in arms),
+                         *(_cell(mean([r["accepted_per_step"] or float("nan") for r in sel if r["arm"] == a]))
+                           for a in arms if a != "plain"),
+                         *(_cell(row[p], "x") for p in pairs)])
+        lines += [f"## {title}", "", markdown_table(header, body), ""]
+    body = []
     for key in dict.fromkeys((r["split"], r["prompt"], r.get("repeat", 0)) for r in records):
         split, prompt, repeat = key
         base = by.get((prompt, "plain", repeat))
@@ -185,9 +194,13 @@ def write_report(out_dir: Path, records: list[dict], load_before, load_after, ne
             if r is None:
                 cells.append("")
             elif a == "plain" or base is None:
-                cells.append(f"{r['tokens_per_second']:.1f}")
+                cells.append(fmt(r["tokens_per_second"], 1))
             else:
-                cells.append(f"{r['tokens_per_second']:.1f} ({r['tokens_per_second'] / base['tokens_per_second']:.2f}x)")
-        lines.append(f"| {split} | {prompt}{'' if not repeat else f' #{repeat}'} | " + " | ".join(cells) + " |")
+                cells.append(f"{fmt(r['tokens_per_second'], 1)} ({fmt(r['tokens_per_second'] / base['tokens_per_second'], 2, 'x')})")
+        body.append([split, f"{prompt}{'' if not repeat else f' #{repeat}'}", *cells])
+    lines += ["Per prompt (tok/s; ratio to plain):", "", markdown_table(["split", "prompt", *arms], body)]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+SUITE = Suite(names=("spec-fresh",), options=("model",), runner=f"{__name__}:run_spec_fresh", reporter=f"{__name__}:report")

@@ -23,12 +23,15 @@ import gzip
 import importlib.util
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from tokensift.bench.results import append_rows, read_rows, read_run, write_rows, write_run
+from tokensift.bench.suite import Suite
+from tokensift.bench.table import fmt, markdown_table
+from tokensift.bench.timing import geomean, load_1min, load_averages, mean
 from tokensift.devices import clock, model_device, run_fields
 
 CATEGORIES = ("code", "summarization", "qa", "chat", "copy")
@@ -177,16 +180,6 @@ def run_ours(speculator, tokenizer, ids: list[int], new_tokens: int) -> dict:
             "mean_tree_nodes": result.mean_tree_nodes, "accepted_by_drafter": result.accepted_by_drafter}
 
 
-def _mean(values):
-    values = [v for v in values if v == v]
-    return statistics.fmean(values) if values else float("nan")
-
-
-def _geomean(values):
-    values = [v for v in values if v == v and v > 0]
-    return statistics.geometric_mean(values) if values else float("nan")
-
-
 def run_spec_suite(out_dir: Path, model: str | None = None, device: str | None = None, dtype: str | None = None) -> None:
     """Run the spec suite; writes results.jsonl, cost_curve.json and report.md into ``out_dir``.
 
@@ -205,7 +198,7 @@ def run_spec_suite(out_dir: Path, model: str | None = None, device: str | None =
     torch.set_num_threads(threads)
     model_label = model or "smollm2"
     model, tokenizer = load_model(model_label, device=device, dtype=dtype)
-    load_before = os.getloadavg()
+    load_before = load_averages(digits=None)
 
     sizes = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
     stock = measure_cost(model, context=512, sizes=sizes, repeats=3)
@@ -238,35 +231,50 @@ def run_spec_suite(out_dir: Path, model: str | None = None, device: str | None =
     wanted = os.environ.get("TOKENSIFT_SPEC_EXTRA", ",".join(makers)).split(",")
     extra = {name: makers[name]() for name in wanted if name in makers}
     results_path = out_dir / "results.jsonl"
+    write_rows(results_path, [])
     records = []
-    with results_path.open("w") as sink:
-        for index, prompt in enumerate(prompts):
-            ids = tokenizer(prompt["text"])["input_ids"]
-            in_ablation = prompt.get("split") != "heldout" and index % per_category < ablation
-            runs = {
-                "plain": lambda: run_transformers(model, tokenizer, ids, new_tokens, None),
-                "hf_lookup_3": lambda: run_transformers(model, tokenizer, ids, new_tokens, 3),
-                "hf_lookup_10": lambda: run_transformers(model, tokenizer, ids, new_tokens, 10),
-                **{name: (lambda s=s: run_ours(s, tokenizer, ids, new_tokens)) for name, s in main.items()},
-                **({name: (lambda s=s: run_ours(s, tokenizer, ids, new_tokens)) for name, s in extra.items()}
-                   if in_ablation else {}),
-            }
-            outputs = {}
-            for method, run in runs.items():
-                outcome = run()
-                outputs[method] = outcome.pop("tokens")
-                record = {"model": model_label, "split": prompt.get("split", "suite"), "category": prompt["category"], "prompt": prompt["name"], "prompt_tokens": len(ids),
-                          "method": method, "new_tokens": len(outputs[method]),
-                          "identical_to_plain": outputs[method] == outputs["plain"], **outcome,
-                          "load": round(os.getloadavg()[0], 2), **run_fields(model)}
-                records.append(record)
-                sink.write(json.dumps(record) + "\n")
-                sink.flush()
-            print(f"[spec] {prompt['name']}: " + ", ".join(
-                f"{r['method']} {r['tokens_per_second']:.1f}" for r in records if r["prompt"] == prompt["name"]), flush=True)
-    load_after = os.getloadavg()
+    for index, prompt in enumerate(prompts):
+        ids = tokenizer(prompt["text"])["input_ids"]
+        in_ablation = prompt.get("split") != "heldout" and index % per_category < ablation
+        runs = {
+            "plain": lambda: run_transformers(model, tokenizer, ids, new_tokens, None),
+            "hf_lookup_3": lambda: run_transformers(model, tokenizer, ids, new_tokens, 3),
+            "hf_lookup_10": lambda: run_transformers(model, tokenizer, ids, new_tokens, 10),
+            **{name: (lambda s=s: run_ours(s, tokenizer, ids, new_tokens)) for name, s in main.items()},
+            **({name: (lambda s=s: run_ours(s, tokenizer, ids, new_tokens)) for name, s in extra.items()}
+               if in_ablation else {}),
+        }
+        outputs = {}
+        for method, run in runs.items():
+            outcome = run()
+            outputs[method] = outcome.pop("tokens")
+            record = {"model": model_label, "split": prompt.get("split", "suite"), "category": prompt["category"], "prompt": prompt["name"], "prompt_tokens": len(ids),
+                      "method": method, "new_tokens": len(outputs[method]),
+                      "identical_to_plain": outputs[method] == outputs["plain"], **outcome,
+                      "load": load_1min(), **run_fields(model)}
+            records.append(record)
+            append_rows(results_path, [record])
+        print(f"[spec] {prompt['name']}: " + ", ".join(
+            f"{r['method']} {r['tokens_per_second']:.1f}" for r in records if r["prompt"] == prompt["name"]), flush=True)
+    load_after = load_averages(digits=None)
     main["auto"].drafter("recycling").save(out_dir / "recycling_state.npz")
-    write_report(out_dir, records, curves, load_before, load_after, threads, new_tokens, per_category)
+    write_run(out_dir, {"load_before": load_before, "load_after": load_after, "threads": threads, "new_tokens": new_tokens,
+                        "per_category": per_category})
+    report(out_dir)
+
+
+def report(out_dir: Path) -> None:
+    """report.md from ``out_dir``'s results.jsonl, cost_curve.json and run.json."""
+    out_dir = Path(out_dir)
+    facts = read_run(out_dir)
+    curves = json.loads((out_dir / "cost_curve.json").read_text())
+    write_report(out_dir, read_rows(out_dir / "results.jsonl"), curves, facts["load_before"], facts["load_after"],
+                 facts["threads"], facts["new_tokens"], facts["per_category"])
+
+
+CATEGORY_HEADER = ["category", "tokens/step auto", "tok/s plain", "tok/s hf_lookup_3", "tok/s hf_lookup_10", "tok/s auto",
+                   "auto vs plain", "auto vs hf_lookup_3", "auto vs hf_lookup_10", "hf_lookup_3 vs plain",
+                   "hf_lookup_10 vs plain", "plain_packed vs plain", "auto vs plain_packed"]
 
 
 def write_report(out_dir: Path, records: list[dict], curves: dict, load_before, load_after, threads: int,
@@ -304,43 +312,39 @@ def write_report(out_dir: Path, records: list[dict], curves: dict, load_before, 
             continue
         if split == "heldout":
             lines.append("")
-        lines += [title, "",
-                  "| category | tokens/step auto | tok/s plain | tok/s hf_lookup_3 | tok/s hf_lookup_10 | tok/s auto | "
-                  "auto vs plain | auto vs hf_lookup_3 | auto vs hf_lookup_10 | hf_lookup_3 vs plain | hf_lookup_10 vs plain | "
-                  "plain_packed vs plain | auto vs plain_packed |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        cat_rows = {}
+        cat_rows, body = {}, []
         for category in CATEGORIES + ("overall",):
             cat = None if category == "overall" else category
             sel = [r for r in split_records if cat is None or r["category"] == cat]
 
             def tps(method):
-                return _mean([r["tokens_per_second"] for r in sel if r["method"] == method])
+                return mean([r["tokens_per_second"] for r in sel if r["method"] == method])
 
-            aps = _mean([r["accepted_per_step"] for r in sel if r["method"] == "auto"])
+            aps = mean([r["accepted_per_step"] for r in sel if r["method"] == "auto"])
             pairs = {"vs_plain": ("auto", "plain"), "vs_l3": ("auto", "hf_lookup_3"), "vs_l10": ("auto", "hf_lookup_10"),
                      "l3": ("hf_lookup_3", "plain"), "l10": ("hf_lookup_10", "plain"),
                      "kernels": ("plain_packed", "plain"), "drafts": ("auto", "plain_packed")}
             if category == "overall":  # average over categories (each category weighs the same)
-                row = {k: _geomean([cat_rows[c][k] for c in cat_rows]) for k in pairs}
+                row = {k: geomean([cat_rows[c][k] for c in cat_rows]) for k in pairs}
             else:
-                row = {k: _geomean(speedups(a, b, cat, split)) for k, (a, b) in pairs.items()}
+                row = {k: geomean(speedups(a, b, cat, split)) for k, (a, b) in pairs.items()}
                 cat_rows[category] = row
-            lines.append(f"| {category} | {aps:.2f} | {tps('plain'):.2f} | {tps('hf_lookup_3'):.2f} | {tps('hf_lookup_10'):.2f} | "
-                         f"{tps('auto'):.2f} | {row['vs_plain']:.2f}x | {row['vs_l3']:.2f}x | {row['vs_l10']:.2f}x | "
-                         f"{row['l3']:.2f}x | {row['l10']:.2f}x | {row['kernels']:.2f}x | {row['drafts']:.2f}x |")
-    lines += ["", "## Each drafter alone, and fixed trees (ablation prompts only: the first of each category)", "",
-              "| method | tokens/step | draft nodes/step | speedup vs plain (geomean over prompts) | same prompts: auto vs plain |",
-              "|---|---|---|---|---|"]
+            body.append([category, fmt(aps), *(fmt(tps(m)) for m in ("plain", "hf_lookup_3", "hf_lookup_10", "auto")),
+                         *(fmt(row[k], 2, "x") for k in pairs)])
+        lines += [title, "", markdown_table(CATEGORY_HEADER, body)]
+    body = []
     for method in methods:
         if method in ("plain", "hf_lookup_3", "hf_lookup_10", "plain_packed"):
             continue
         sel = [r for r in records if r["method"] == method]
         subset = {r["prompt"] for r in sel}
-        auto_same = _geomean([by[(p, "auto")]["tokens_per_second"] / by[(p, "plain")]["tokens_per_second"] for p in subset])
-        lines.append(f"| {method} | {_mean([r['accepted_per_step'] for r in sel]):.2f} | "
-                     f"{_mean([r.get('mean_tree_nodes', float('nan')) for r in sel]):.1f} | "
-                     f"{_geomean(speedups(method, 'plain')):.2f}x | {auto_same:.2f}x |")
+        auto_same = geomean([by[(p, "auto")]["tokens_per_second"] / by[(p, "plain")]["tokens_per_second"] for p in subset])
+        body.append([method, fmt(mean([r["accepted_per_step"] for r in sel])),
+                     fmt(mean([r.get("mean_tree_nodes", float("nan")) for r in sel]), 1),
+                     fmt(geomean(speedups(method, "plain")), 2, "x"), fmt(auto_same, 2, "x")])
+    lines += ["", "## Each drafter alone, and fixed trees (ablation prompts only: the first of each category)", "",
+              markdown_table(["method", "tokens/step", "draft nodes/step", "speedup vs plain (geomean over prompts)",
+                              "same prompts: auto vs plain"], body)]
     accepted = {}
     for r in records:
         if r["method"] == "auto":
@@ -349,14 +353,17 @@ def write_report(out_dir: Path, records: list[dict], curves: dict, load_before, 
     steps = sum(r["steps"] for r in records if r["method"] == "auto")
     lines += ["", "Accepted draft tokens per step inside `auto`, by proposing drafter (a token proposed by several counts "
               "for each): " + ", ".join(f"{k} {v / max(steps, 1):.2f}" for k, v in accepted.items()), ""]
+    curve_rows = [[label, *(fmt(v) for v in curves[key].values())] for label, key in (
+        ("before: stock, output layer on all q rows", "stock_all_rows"),
+        ("before: stock, output layer row by row on 2 rows", "stock_lazy_head_2_rows"),
+        ("after: packed, output layer on all q rows", "packed_all_rows"))]
     lines += ["## Cost curve: cost(q new tokens)/cost(1) at 512 context, before (stock MKL kernels) and after (packed oneDNN)", "",
-              "| q | " + " | ".join(str(q) for q in curves["stock_all_rows"]) + " |",
-              "|---|" + "---|" * len(curves["stock_all_rows"]),
-              "| before: stock, output layer on all q rows | " + " | ".join(f"{v:.2f}" for v in curves["stock_all_rows"].values()) + " |",
-              "| before: stock, output layer row by row on 2 rows | " + " | ".join(f"{v:.2f}" for v in curves["stock_lazy_head_2_rows"].values()) + " |",
-              "| after: packed, output layer on all q rows | " + " | ".join(f"{v:.2f}" for v in curves["packed_all_rows"].values()) + " |",
+              markdown_table(["q", *curves["stock_all_rows"]], curve_rows),
               "", "Body ms, stock: " + json.dumps(curves["body_ms"]), "", "Body ms, packed: " + json.dumps(curves["packed_body_ms"]), "",
               "Output layer ms (batched rows), stock: " + json.dumps(curves["head_ms"]), "",
               "Output layer ms (batched rows), packed: " + json.dumps(curves["packed_head_ms"]), ""]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+SUITE = Suite(names=("spec",), options=("model",), runner=f"{__name__}:run_spec_suite", reporter=f"{__name__}:report")
