@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from tokensift.bench.suite import REGISTRY, split_list, top_level_items  # noqa: F401  (split_list, top_level_items: used here and re-exported)
 from tokensift.errors import TokensiftError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Decide which tokens matter, training-free.")
@@ -227,41 +228,10 @@ def demo(
     run_demo(budget=budget, length=length, samples=samples, device=device, dtype=dtype)
 
 
-def top_level_items(value: str) -> list[str]:
-    """Split on commas outside parentheses: ``"a,zipcache(hi_bits=8,lo_bits=4)"`` is two items."""
-    items, depth, start = [], 0, 0
-    for i, char in enumerate(value):
-        depth += (char == "(") - (char == ")")
-        if char == "," and depth == 0:
-            items.append(value[start:i])
-            start = i + 1
-    return items + [value[start:]]
-
-
-def split_list(value: str | None, convert=str) -> list | None:
-    """``"a,b"`` -> ``["a", "b"]`` (None stays None), with a one-line error on bad items."""
-    if not value:
-        return None
-    try:
-        return [convert(item.strip()) for item in top_level_items(value) if item.strip()]
-    except ValueError:
-        raise TokensiftError(f"cannot read the list '{value}'") from None
-
-
-SUITE_RUNNERS = {
-    "vision": ("tokensift.bench.vision_suite", "run_vision_suite"),
-    "spec": ("tokensift.bench.spec_suite", "run_spec_suite"),
-    "spec-fresh": ("tokensift.bench.spec_fresh", "run_spec_fresh"),
-    "sparse-speed": ("tokensift.bench.sparse_speed", "run_sparse_speed"),
-    "small-cache": ("tokensift.bench.small_cache", "run_small_cache"),
-    "ttft": ("tokensift.bench.ttft_suite", "run_ttft_suite"),
-}
-TEXT_SUITES = ("quick", "standard", "full", "long")
-
-
 @app.command()
 def bench(
-    suite: str = typer.Option("quick", "--suite", help="quick | standard | full | long | vision | spec | spec-fresh | sparse-speed | small-cache | ttft"),
+    ctx: typer.Context,
+    suite: str = typer.Option("quick", "--suite", help=" | ".join(REGISTRY) + " (an option the suite does not take is an error)."),
     model: Optional[str] = typer.Option(None, "--model", help="smollm2 (default), gemma3, a .gguf or a folder (the long suite: gemma3)."),
     policies: Optional[str] = typer.Option(None, "--policies", help="Comma-separated policy names/expressions."),
     budgets: Optional[str] = typer.Option(None, "--budgets", help="Comma-separated token budgets."),
@@ -282,42 +252,21 @@ def bench(
     dtype: str = typer.Option("float32", "--dtype", help=DTYPE_HELP),
 ) -> None:
     """Run a benchmark suite; writes results.jsonl, report.md and plots into --out."""
-    import importlib
-
+    from tokensift.bench.suite import BENCH_OPTIONS, run_suite
     from tokensift.devices import resolve_device, resolve_dtype
 
     resolve_device(device), resolve_dtype(dtype)  # one-line errors before anything runs
+    values = {"model": model, "policies": policies, "budgets": budgets, "ratios": ratios, "lengths": lengths,
+              "tasks": tasks, "protocols": protocols, "samples": samples, "seed": seed, "full_only_tasks": full_only_tasks,
+              "lm_budgets": lm_budgets, "workers": workers, "ray": ray, "kernels": kernels}
+    given = [name for name in BENCH_OPTIONS if given_on_command_line(ctx, name)]
+    run_suite(suite, out, values, given, device=device, dtype=dtype)
 
-    if suite in SUITE_RUNNERS:
-        module_name, function = SUITE_RUNNERS[suite]
-        try:
-            runner = getattr(importlib.import_module(module_name), function)
-        except (ImportError, AttributeError):
-            raise TokensiftError(f"suite '{suite}' is not available in this installation") from None
-        if model is not None and suite == "vision":
-            raise TokensiftError("the vision suite runs DINOv2 and tiny VLMs, not a language model: drop --model")
-        extra = {"device": device, "dtype": dtype} | ({} if model is None else {"model": model})
-        if suite in ("sparse-speed", "small-cache") and lengths:
-            extra["lengths"] = split_list(lengths, int)
-        if suite == "small-cache" and policies:
-            extra["policies"] = split_list(policies)
-        if suite == "ttft":  # --policies: prefill policies
-            given = {"lengths": split_list(lengths, int), "tasks": split_list(tasks), "protocols": split_list(protocols),
-                     "prefills": split_list(policies), "samples": samples}
-            extra |= {key: value for key, value in given.items() if value is not None}
-        runner(out, **extra)
-        return
-    if suite not in TEXT_SUITES:
-        raise TokensiftError(f"unknown suite '{suite}'; use one of: {', '.join(TEXT_SUITES + tuple(SUITE_RUNNERS))}")
-    from tokensift.bench.runner import BenchConfig, run_bench
 
-    config = BenchConfig.for_suite(
-        suite, policies=split_list(policies), budgets=split_list(budgets, int), ratios=split_list(ratios, float),
-        lengths=split_list(lengths, int), tasks=split_list(tasks), protocols=split_list(protocols),
-        samples=samples, seed=seed, full_only_tasks=split_list(full_only_tasks), lm_budgets=split_list(lm_budgets, int),
-        kernels=kernels, model=model, device=device, dtype=dtype,
-    )
-    run_bench(config, out, workers=workers, ray=ray)
+def given_on_command_line(ctx, name: str) -> bool:
+    """Whether the option ``name`` was named on the command line (or in the environment), not defaulted."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP")
 
 
 compare_app = typer.Typer(no_args_is_help=True, help="Run another library on the same tasks, side by side.")
