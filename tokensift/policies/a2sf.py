@@ -18,6 +18,13 @@ class A2SF(Policy):
     in Transformer Decoder" (arXiv:2407.20485). Plain accumulation (H2O) favours early tokens,
     which more queries can see under the causal mask; the forgetting factor removes that bias.
     In a block of ``n`` new queries, row ``i`` is weighted ``factor ** (n - 1 - i)``.
+
+    Parameters
+    ----------
+    factor : float, default 0.99
+        Decay applied to the running score per new query (1.0: plain accumulation, as H2O).
+
+    Plus the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "a2sf"

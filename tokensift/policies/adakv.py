@@ -27,11 +27,12 @@ class AdaKV(Wrapper):
 
     Parameters
     ----------
-    inner:
-        The policy whose scores are split across heads (a policy, a name or an expression;
-        default ``snapkv``).
-    floor:
+    inner : Policy, str or None, default "snapkv"
+        The policy whose scores are split across heads (a policy, a name or an expression).
+    floor : float, default 0.2
         Fraction of each head's unprotected budget it is guaranteed (0: none, 1: equal heads).
+
+    Plus the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "adakv"

@@ -35,17 +35,21 @@ if TYPE_CHECKING:
 class Policy:
     """Base class of every KV policy.
 
+    The parameters below are common to every policy; a policy's own docstring lists only its
+    own ones (and those whose meaning or default it changes). An evicting policy takes exactly
+    one of ``budget`` and ``ratio``; a policy that keeps every token takes neither.
+
     Parameters
     ----------
-    budget:
+    budget : int or None, default None
         Cached tokens kept per layer and KV head (protected tokens included).
-    ratio:
+    ratio : float or None, default None
         Alternative to ``budget``: fraction of the tokens seen so far to keep (0 < ratio < 1).
-    n_sink:
+    n_sink : int, default 4
         The first ``n_sink`` real tokens are always kept (attention sinks).
-    window:
+    window : int, default 32
         The most recent ``window`` tokens are always kept.
-    interval:
+    interval : int, default 1
         Decode steps between two selections: the cache may grow to ``budget + interval - 1``
         tokens before it is cut back to ``budget``.
     """
@@ -178,9 +182,11 @@ class Composed(Policy):
 
     Parameters
     ----------
-    inner:
+    inner : Policy, str or None, default None
         The inner policy: a policy, a policy name or an expression (None: ``default_inner``,
         or no inner policy when that is None too).
+
+    Plus the common parameters of :class:`Policy`.
     """
 
     default_inner: ClassVar[str | None] = None

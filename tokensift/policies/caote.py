@@ -24,6 +24,13 @@ class CAOTE(Wrapper):
     turns the output into ``(o - a_j v_j) / (1 - a_j)``, an error of
     ``a_j / (1 - a_j) * ||v_j - o||``: tokens with the smallest error are evicted first.
     Works with any inner policy whose scores are non-negative attention mass.
+
+    Parameters
+    ----------
+    inner : Policy, str or None, default "h2o"
+        The policy whose scores are read as attention weights (a policy, a name or an expression).
+
+    Plus the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "caote"

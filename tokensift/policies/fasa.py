@@ -31,6 +31,21 @@ class FASA(Policy):
     ``<cache_root>/fasa/<key>.pt`` (key: model path, shapes, a weight fingerprint and the
     calibration settings). A model without a loadable tokenizer is calibrated on
     pseudo-random token ids instead (test models).
+
+    Parameters
+    ----------
+    chunks : int, default 8
+        Dominant frequency chunks per query head used to score tokens.
+    obs_window : int, default 32
+        Recent queries (kept across decode steps) that score the kept keys at eviction time.
+    calib_tokens : int, default 1024
+        Length of the calibration prompt (at least 2).
+    calib_queries : int, default 64
+        Last queries of the calibration prompt over which chunk agreement is averaged.
+    top_fraction : float, default 0.1
+        Fraction of the keys, in (0, 1], whose top set a chunk must reproduce at calibration.
+
+    Plus the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "fasa"

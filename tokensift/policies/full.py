@@ -11,7 +11,13 @@ from tokensift.policies.registry import register
 @register
 @dataclass
 class Full(Policy):
-    """Keeps the whole cache; bit-identical to plain ``generate`` (fp32, greedy)."""
+    """Keeps the whole cache; bit-identical to plain ``generate`` (fp32, greedy).
+
+    Parameters
+    ----------
+    None of its own: it takes no ``budget`` or ``ratio``, and the other common parameters of
+    :class:`~tokensift.policies.base.Policy` have no effect (nothing is evicted).
+    """
 
     name = "full"
     paper = "baseline (no compression)"

@@ -25,6 +25,17 @@ class GraphKV(Wrapper):
     matrix). The returned scores are each token's decayed score at the moment it was picked
     (non-increasing along the greedy order), so top-``budget`` reproduces the greedy choice
     and stays comparable across heads (usable inside ``adakv``).
+
+    Parameters
+    ----------
+    inner : Policy, str or None, default "snapkv"
+        The policy that gives each token its base score (a policy, a name or an expression).
+    decay : float, default 0.5
+        How much similarity to a selected token lowers a score, in [0, 1] (0: no decay).
+    step : int, default 8
+        Tokens selected per greedy round before the scores are decayed again.
+
+    Plus the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "graphkv"

@@ -16,6 +16,10 @@ class H2O(Policy):
 
     Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of Large
     Language Models", NeurIPS 2023 (arXiv:2306.14048).
+
+    Parameters
+    ----------
+    Only the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "h2o"

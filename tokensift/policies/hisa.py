@@ -27,6 +27,18 @@ class HISA(SparsePolicy):
     the same set as flat top-``k`` over the token score (:meth:`flat_select`).
 
     "HISA: Efficient Hierarchical Indexing for Fine-Grained Sparse Attention".
+
+    Parameters
+    ----------
+    block : int, default 64
+        Consecutive stored tokens pooled into one block.
+    keep_blocks : int or None, default None
+        Blocks kept by stage 1 (None: ``ceil(4 k / block)``); they must hold at least ``k`` tokens.
+    group_score : str, default "softmax"
+        How a KV head's query group scores a token: ``softmax`` (summed per-head softmax) or
+        ``max`` (largest q·k).
+
+    Plus the parameters of :class:`~tokensift.policies.sparse_base.SparsePolicy` (``k``, the base policy).
     """
 
     name = "hisa"

@@ -15,6 +15,10 @@ class KNorm(Policy):
 
     Devoto et al., "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression",
     EMNLP 2024 (arXiv:2406.11430).
+
+    Parameters
+    ----------
+    Only the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "knorm"

@@ -19,6 +19,12 @@ class LessIsMore(CrossLayerPolicy):
     shared by all heads of the following layers.
 
     "Less Is More: Training-Free Sparse Attention with Global Locality for Efficient Reasoning".
+
+    Parameters
+    ----------
+    Only those of :class:`~tokensift.policies.sparse_base.CrossLayerPolicy` (``full_layers``,
+    ``reselect_layer``) and :class:`~tokensift.policies.sparse_base.SparsePolicy` (``k``, the
+    base policy).
     """
 
     name = "lessismore"

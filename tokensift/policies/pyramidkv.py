@@ -18,6 +18,15 @@ class PyramidKV(Wrapper):
     (largest) to the last layer (smallest, ``mean / beta`` but never below the protected
     tokens + 1), whose mean over the layers is the given budget (rounded so that the sum is
     exact). With ``ratio``, the mean is the ratio's budget for the tokens seen so far.
+
+    Parameters
+    ----------
+    inner : Policy, str or None, default "snapkv"
+        The policy that scores tokens in each layer (a policy, a name or an expression).
+    beta : float, default 20.0
+        The last layer's budget is the mean budget divided by ``beta`` (>= 1; 1: equal budgets).
+
+    Plus the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "pyramidkv"

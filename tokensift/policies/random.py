@@ -15,6 +15,13 @@ class RandomPolicy(Policy):
 
     Each token gets a fixed pseudo-random priority from (seed, layer, head, real-token rank), so the
     choice is reproducible and does not depend on batch shape or on when selection runs.
+
+    Parameters
+    ----------
+    seed : int, default 0
+        Changes every token's priority (another random subset).
+
+    Plus the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "random"

@@ -21,6 +21,15 @@ class RecycledAttention(SparsePolicy):
 
     Xu et al., "Recycled Attention: Efficient inference for long-context language models"
     (arXiv:2411.05787).
+
+    Parameters
+    ----------
+    stride : int, default 16
+        Decode steps between two full-attention steps (1: every step is full).
+    refresh_below : float or None, default None
+        Query cosine similarity below which a full step comes early (None: only every ``stride``).
+
+    Plus the parameters of :class:`~tokensift.policies.sparse_base.SparsePolicy` (``k``, the base policy).
     """
 
     name = "recycled_attention"

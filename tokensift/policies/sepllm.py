@@ -35,6 +35,13 @@ class SepLLM(Policy):
     ``model.config._name_or_path`` in ``prepare``): every token whose text, spaces stripped,
     is made only of ``. , ; : ! ? \\n`` and their CJK/ellipsis variants. Forwards fed with
     embeddings instead of ids flag no separators.
+
+    Parameters
+    ----------
+    separator_ids : str, default ""
+        Token ids counted as separators, e.g. ``"13 11 30"`` (empty: found in the tokenizer).
+
+    Plus the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "sepllm"

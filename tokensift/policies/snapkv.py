@@ -17,6 +17,15 @@ class SnapKV(Policy):
     Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation", NeurIPS 2024
     (arXiv:2404.14469). The recent queries (kept across decode steps) are re-scored against
     the current cache at each selection, so the budget holds during decoding too.
+
+    Parameters
+    ----------
+    obs_window : int, default 32
+        Recent queries whose attention scores the tokens.
+    kernel : int, default 7
+        Width of the max-pooling along the tokens (1 or less: no pooling).
+
+    Plus the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "snapkv"

@@ -41,21 +41,28 @@ class SparsePolicy(Composed):
 
     Parameters
     ----------
-    k:
+    k : int
         Tokens read per head at a selection, protected tokens (sinks, window) included.
-        ``budget=`` is accepted as an alias (the benchmark runner passes ``budget``).
-    n_sink, window:
-        Protected tokens, always read (and handed to the base policy).
-    inner:
+        ``budget=`` is accepted as an alias (the benchmark runner passes ``budget``); one of
+        them is required. ``ratio`` is refused.
+    n_sink : int, default 4
+        The first tokens, always read (and handed to the base policy).
+    window : int, default 16
+        The most recent tokens, always read (and handed to the base policy).
+    interval : int, default 1
+        Handed to the base policy (its decode steps between two selections).
+    inner : Policy, str or None, default None
         Optional policy that manages storage under the reading: an evicting policy
         (``snapkv``, ``h2o``...) with ``base_budget`` / ``base_ratio``, or a storage policy
         (``zipcache``). Its layer class, observation, scores and budgets are used as is.
         Expressions give it as the inner policy: ``tokenselect(snapkv, k=256, base_budget=2048)``.
-    base:
+    base : str or None, default None
         The same as a name (the older spelling): ``tokenselect(k=256, base=snapkv,
         base_budget=2048)``. Given ``inner``, ``base`` holds its registry name.
-    base_budget, base_ratio:
-        The base policy's ``budget`` / ``ratio``.
+    base_budget : int or None, default None
+        The base policy's ``budget``.
+    base_ratio : float or None, default None
+        The base policy's ``ratio``.
     """
 
     evicts: ClassVar[bool] = False
@@ -181,11 +188,13 @@ class CrossLayerPolicy(SparsePolicy):
 
     Parameters
     ----------
-    full_layers:
+    full_layers : int, default 2
         The first layers attend fully and select nothing; layer ``full_layers`` is the first
         selection layer.
-    reselect_layer:
+    reselect_layer : int or None, default None
         A later layer that selects again (None: ``num_layers // 2``; -1: none).
+
+    Plus the parameters of :class:`~tokensift.policies.sparse_base.SparsePolicy` (``k``, the base policy).
     """
 
     full_layers: int = 2

@@ -15,6 +15,10 @@ class StreamingLLM(Policy):
 
     Xiao et al., "Efficient Streaming Language Models with Attention Sinks", ICLR 2024
     (arXiv:2309.17453). The whole budget beyond the sinks goes to the most recent tokens.
+
+    Parameters
+    ----------
+    Only the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "streaming_llm"

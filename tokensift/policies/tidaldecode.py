@@ -18,6 +18,12 @@ class TidalDecode(CrossLayerPolicy):
 
     Yang et al., "TidalDecode: Fast and Accurate LLM Decoding with Position Persistent Sparse
     Attention" (arXiv:2410.05076).
+
+    Parameters
+    ----------
+    Only those of :class:`~tokensift.policies.sparse_base.CrossLayerPolicy` (``full_layers``,
+    ``reselect_layer``) and :class:`~tokensift.policies.sparse_base.SparsePolicy` (``k``, the
+    base policy).
     """
 
     name = "tidaldecode"

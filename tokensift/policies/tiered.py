@@ -40,30 +40,34 @@ class Tiered(SparsePolicy):
 
     Parameters
     ----------
-    k:
+    k : int
         Tokens read per query head per decode step (``budget=`` is an alias).
-    bits:
+    bits : int, default 2
         Bits per sketch element: 2, 4 or 8.
-    group:
+    group : int, default 128
         Tokens per sketch group (one fp16 scale and zero-point per channel and group).
-    rotate:
+    rotate : bool, default True
         Rotate keys (and queries) by a fixed random Hadamard matrix before sketching.
-    tier:
+    tier : str, default "file"
         Where the exact rows live: ``file`` (a memory-mapped file in ``tier_dir``) or ``host``
         (CPU memory; outside the model's memory only when the model runs on an accelerator).
-    tier_dir:
-        Folder of the tier files (default: ``$TOKENSIFT_CACHE/tier``); files are unlinked at once.
-    window_bits:
+    tier_dir : str or None, default None
+        Folder of the tier files (None: ``$TOKENSIFT_CACHE/tier``); files are unlinked at once.
+    window_bits : int, default 4
         Sliding-window layers (Gemma 3's local layers) hold their window as ``window_bits``-bit
         codes per token and group of ``window_group`` channels (0: leave them in full precision).
-    window_key_bits:
+    window_key_bits : int, default 0
         Bits of those windows' keys when they differ from their values' (0: ``window_bits``);
         keys carry outlier channels and suffer more from few bits (KIVI, KVQuant).
-    window_group:
+    window_group : int, default 64
         Channels per scale and zero-point in those layers.
-    refresh:
+    refresh : int, default 1
         Decode steps one selection serves: the sketch is scored every ``refresh`` steps and the
         steps between read the same tokens plus those added since (1: score every step).
+
+    Plus ``n_sink`` and ``window`` (always read) of :class:`~tokensift.policies.sparse_base.SparsePolicy`;
+    it keeps every token and takes no base policy (``inner``, ``base``, ``base_budget`` and
+    ``base_ratio`` are refused).
     """
 
     name = "tiered"

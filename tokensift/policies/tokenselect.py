@@ -30,13 +30,15 @@ class TokenSelect(SparsePolicy):
 
     Parameters
     ----------
-    k:
+    k : int
         Tokens read per KV head at a fresh selection (see :class:`SparsePolicy`; ``base=`` /
         an inner policy compose it with an evicting or storage policy).
-    threshold:
+    threshold : float, default 0.9
         Query cosine similarity from which the last selection is reused (> 1: never).
-    vote:
+    vote : str, default "group"
         ``group``: one selection per KV head (its query heads vote); ``all``: one per layer.
+
+    Plus the parameters of :class:`~tokensift.policies.sparse_base.SparsePolicy` (``k``, the base policy).
     """
 
     name = "tokenselect"

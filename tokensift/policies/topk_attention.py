@@ -15,6 +15,10 @@ class TopKAttention(SparsePolicy):
     Synthesized from "Exploiting Sparsity for Long Context Inference: Million Token Contexts on
     Commodity GPUs" (top-k attention over a full cache: <2% of tokens, >95% of performance).
     Scoring reads every key, so the saving is the value read and the softmax over ``kept``.
+
+    Parameters
+    ----------
+    Only those of :class:`~tokensift.policies.sparse_base.SparsePolicy` (``k``, the base policy).
     """
 
     name = "topk_attention"

@@ -14,6 +14,10 @@ class TOVA(Policy):
     """Score = attention of the last query only (per KV head, averaged over its query heads).
 
     Oren et al., "Transformers are Multi-State RNNs" (TOVA), arXiv:2401.06104.
+
+    Parameters
+    ----------
+    Only the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "tova"

@@ -18,6 +18,10 @@ class VATP(Policy):
     Reduction: Value Also Matters" (2024, arXiv:2406.12335). Tokens with large attention but a
     near-zero value vector (sinks, often) contribute little to the output; the value norm
     corrects for that. Per KV head: the value vector is that head's.
+
+    Parameters
+    ----------
+    Only the common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "vatp"

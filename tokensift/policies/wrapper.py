@@ -28,8 +28,11 @@ class Wrapper(Composed):
 
     Parameters
     ----------
-    inner:
-        The wrapped policy: a policy, a policy name or an expression (default: ``default_inner``).
+    inner : Policy, str or None, default None
+        The wrapped policy: a policy, a policy name or an expression (None: ``default_inner``,
+        ``snapkv`` unless a wrapper says otherwise).
+
+    Plus the common parameters of :class:`~tokensift.policies.base.Policy`, handed to ``inner``.
     """
 
     default_inner: ClassVar[str] = "snapkv"

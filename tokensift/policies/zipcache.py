@@ -32,14 +32,20 @@ class ZipCache(Policy):
 
     Parameters
     ----------
-    salient_ratio:
+    salient_ratio : float, default 0.3
         Fraction of each block's tokens (per KV head) stored at ``hi_bits``.
-    hi_bits, lo_bits:
-        Bits per element of the salient and of the other tokens (2, 4 or 8).
-    group:
+    hi_bits : int, default 4
+        Bits per element of the salient tokens (2, 4 or 8).
+    lo_bits : int, default 2
+        Bits per element of the other tokens (2, 4 or 8).
+    group : int, default 64
         Fewest tokens quantized at once once they leave the full-precision window.
-    budget, ratio:
-        Optional: evict down to this size first (lowest saliency first); None keeps every token.
+    budget, ratio : int or float, optional
+        Evict down to this size first (lowest saliency first); neither: keep every token.
+    window : int, default 32
+        Also the recent tokens held in full precision.
+
+    Plus the other common parameters of :class:`~tokensift.policies.base.Policy`.
     """
 
     name = "zipcache"

@@ -23,7 +23,10 @@ PREFILLS: dict[str, type[PrefillPolicy]] = {}
 
 @dataclass
 class PrefillPolicy:
-    """Base of every prefill policy: a dataclass whose fields are its hyper-parameters."""
+    """Base of every prefill policy: a dataclass whose fields are its hyper-parameters.
+
+    Each policy lists its fields in a numpy-style ``Parameters`` section; the base has none.
+    """
 
     name: typing.ClassVar[str] = "base"
     paper: typing.ClassVar[str] = ""

@@ -12,7 +12,12 @@ from tokensift.prefill.base import PrefillPolicy, register
 @register
 @dataclass
 class FullPrefill(PrefillPolicy):
-    """Compute every prompt token at every layer: exactly the engine's prefill without a policy."""
+    """Compute every prompt token at every layer: exactly the engine's prefill without a policy.
+
+    Parameters
+    ----------
+    None.
+    """
 
     name = "full"
     paper = "-"

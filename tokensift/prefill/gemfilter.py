@@ -30,9 +30,12 @@ class GemFilter(PrefillPolicy):
 
     Parameters
     ----------
-    layer : the filter layer, a fraction of the depth in (0, 1) or a layer index >= 1.
-    top_k : prompt tokens kept (>= 1).
-    rows : last prompt tokens whose attention scores the tokens (the paper: the last one).
+    layer : float, default 0.4
+        The filter layer: a fraction of the depth in (0, 1) or a layer index >= 1.
+    top_k : int, default 1024
+        Prompt tokens kept (>= 1).
+    rows : int, default 1
+        Last prompt tokens whose attention scores the tokens (the paper: the last one).
     """
 
     name = "gemfilter"

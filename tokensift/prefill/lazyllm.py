@@ -20,17 +20,6 @@ class LazyLLM(PrefillPolicy):
     progressive, each stage keeping fewer tokens. The last token is always kept (only its logits
     are needed). The paper reports 2.34x faster prefill on Llama 2 7B multi-document QA.
 
-    Parameters
-    ----------
-    layers : where the stages start: fractions of the depth in (0, 1) or layer indices >= 1
-        (increasing). The paper prunes progressively at a few layers spread over the depth and
-        tunes the layers and percentiles per model; default: 1/4, 1/2 and 3/4 of the depth.
-    keep : fraction of the prompt still computed from each stage on, in (0, 1], non-increasing
-        (default 0.5, 0.25, 0.125: each stage halves the tokens).
-    rows : last prompt tokens whose attention scores the tokens (the paper: the last one).
-    recent : newest prompt tokens never pruned (besides the last). On models with sliding-window
-        layers (Gemma 3) the last ``window`` tokens are always kept: those layers read them.
-
     Scores come from the attention of the layer before each stage; when the model has
     sliding-window layers, from the last full-attention layer before the stage (a sliding layer
     only sees its window), or, before any, from the layer before with its window lifted.
@@ -39,6 +28,21 @@ class LazyLLM(PrefillPolicy):
     them) is not implemented. A token pruned at layer ``l`` has no K/V at layers ``>= l`` for the
     whole generation, exactly like a token evicted there; the cache behaves as a per-layer evicting
     cache, so any KV policy and speculation act on what was kept. Batch of one.
+
+    Parameters
+    ----------
+    layers : tuple of float, default (0.25, 0.5, 0.75)
+        Where the stages start: fractions of the depth in (0, 1) or layer indices >= 1
+        (increasing). The paper prunes progressively at a few layers spread over the depth and
+        tunes the layers and percentiles per model.
+    keep : tuple of float, default (0.5, 0.25, 0.125)
+        Fraction of the prompt still computed from each stage on, one per stage, in (0, 1],
+        non-increasing (the default halves the tokens at each stage).
+    rows : int, default 1
+        Last prompt tokens whose attention scores the tokens (the paper: the last one).
+    recent : int, default 0
+        Newest prompt tokens never pruned (besides the last). On models with sliding-window
+        layers (Gemma 3) the last ``window`` tokens are always kept: those layers read them.
     """
 
     name = "lazyllm"

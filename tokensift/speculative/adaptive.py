@@ -15,7 +15,17 @@ from __future__ import annotations
 
 
 class AcceptanceStats:
-    """Forgetting averages of acceptance per key, with a prior."""
+    """Forgetting averages of acceptance per key, with a prior.
+
+    Parameters
+    ----------
+    prior : float, default 0.15
+        Acceptance rate assumed for a key before it has been tried.
+    prior_weight : float, default 2.0
+        How many tries the prior counts as.
+    decay : float, default 0.97
+        Weight kept by the past at each new try of a key (1.0: a plain average).
+    """
 
     def __init__(self, prior: float = 0.15, prior_weight: float = 2.0, decay: float = 0.97):
         self.prior, self.prior_weight, self.decay = prior, prior_weight, decay

@@ -86,6 +86,24 @@ class Speculator:
     measured cost (possibly none); ``fixed_nodes=N``: always the N most likely nodes.
     ``packed=True``: the model's linear layers run on prepacked oneDNN weights while this
     speculator generates (see ``kernels``: a few rows cost about what one row costs).
+
+    Parameters
+    ----------
+    model : transformers causal language model
+        The model to decode with; every layer must be full attention (no sliding window).
+    drafter : str or list of Drafter, default "auto"
+        A name from ``DRAFTER_NAMES`` (built by :func:`build_drafters`) or drafters to use.
+    cost : CostModel or None, default None
+        The cost of verifying a tree of each size (None: measured or loaded on first use,
+        unless ``fixed_nodes`` is given).
+    fixed_nodes : int or None, default None
+        Verify always this many of the most likely nodes (None: the cost-aware choice).
+    max_nodes : int, default 63
+        Most draft nodes verified per step (``fixed_nodes`` replaces it when given).
+    stats : AcceptanceStats or None, default None
+        Acceptance history to start from (None: a fresh one with its default prior).
+    packed : bool, default True
+        Run the linear layers on prepacked weights while generating, where available.
     """
 
     def __init__(self, model, drafter: str | list[Drafter] = "auto", *, cost: CostModel | None = None,

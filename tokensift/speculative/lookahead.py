@@ -8,6 +8,18 @@ from tokensift.speculative.base import Drafter
 
 
 class Lookahead(Drafter):
+    """Draft the most frequent branches of an n-gram trie keyed by the last 2 (or 1) tokens.
+
+    Parameters
+    ----------
+    depth : int, default 8
+        Tokens stored after each key (the deepest a drafted branch goes).
+    branch_nodes : int, default 24
+        Most nodes drafted per step (3 branches at the first level, 2 below).
+    max_keys : int, default 200000
+        Trie keys held; past this the whole trie is cleared before new windows are inserted.
+    """
+
     name = "lookahead"
 
     def __init__(self, depth: int = 8, branch_nodes: int = 24, max_keys: int = 200_000):

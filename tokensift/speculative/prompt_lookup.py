@@ -9,6 +9,18 @@ from tokensift.speculative.base import Drafter
 
 
 class PromptLookup(Drafter):
+    """Draft what followed the latest earlier occurrence of the context's last n-gram.
+
+    Parameters
+    ----------
+    max_ngram : int, default 4
+        Longest suffix n-gram matched; shorter ones are tried down to 1 when it has no match.
+    max_len : int, default 12
+        Most tokens drafted per continuation.
+    branches : int, default 2
+        Most distinct continuations (by first token) drafted per step, most recent first.
+    """
+
     name = "prompt_lookup"
 
     def __init__(self, max_ngram: int = 4, max_len: int = 12, branches: int = 2):

@@ -36,6 +36,19 @@ def template(widths=DEFAULT_WIDTHS) -> list[tuple[int, int]]:
 
 
 class Recycling(Drafter):
+    """Draft along a static tree template from each token's last top-k successors.
+
+    Parameters
+    ----------
+    vocab_size : int
+        The model's vocabulary size (rows of the adjacency matrix).
+    k : int, default 8
+        Successors stored per token (the top-k of the last logits seen after it).
+    widths : tuple of int, default (8, 4, 2, 2, 1, 1, 1, 1)
+        Children per template node by depth (root first); below the root, a node of sibling
+        rank ``r`` gets ``widths[depth] >> r`` children (at least one for rank 0).
+    """
+
     name = "recycling"
 
     def __init__(self, vocab_size: int, k: int = 8, widths=DEFAULT_WIDTHS):
