@@ -1,6 +1,7 @@
-"""Every hyper-parameter of a registered policy, prefill policy and drafter is listed in a
-numpy-style ``Parameters`` section (``name : type, default ...``) of its class docstring, or,
-for an inherited one, of the base class that declares it."""
+"""Every hyper-parameter of a registered policy, prefill policy, drafter, visual token selector
+(and of ``VisualTokenPruner``) is listed in a numpy-style ``Parameters`` section
+(``name : type, default ...``) of its class docstring, or, for an inherited one, of the base
+class that declares it."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from tokensift.policies.registry import POLICIES
 from tokensift.prefill import PREFILLS
 from tokensift.speculative import DRAFTER_NAMES, Speculator, build_drafters
 from tokensift.speculative.adaptive import AcceptanceStats
+from tokensift.vision.selectors import SELECTORS  # torch only, like tests/test_vision_selectors.py: no extra needed
+from tokensift.vision.vlm import VisualTokenPruner
 
 ENTRY = re.compile(r"^(\w+(?:\s*,\s*\w+)*)\s+:")
 
@@ -101,6 +104,17 @@ def drafter_classes() -> list[type]:
 def test_speculative_parameters_documented(cls):
     missing = [name for name in init_parameters(cls) if name not in listed(cls)]
     assert missing == [], f"{cls.__name__} does not list {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(SELECTORS))
+def test_vision_selector_parameters_documented(name):
+    cls = SELECTORS[name]
+    assert "Parameters\n----------" in inspect.cleandoc(cls.__doc__ or ""), f"{cls.__name__} has no Parameters section"
+    assert missing_fields(cls) == [], f"{cls.__name__} does not list {missing_fields(cls)}"
+
+
+def test_visual_token_pruner_parameters_documented():
+    assert missing_fields(VisualTokenPruner) == [], f"VisualTokenPruner does not list {missing_fields(VisualTokenPruner)}"
 
 
 def test_a_missing_entry_fails():

@@ -96,6 +96,28 @@ class VisualTokenPruner:
     ``method``/``budget``/``ratio`` pick stage 1 (any registered selector; budget per image
     sequence). ``stage2_layer`` (>= 1) and ``stage2_keep`` (fraction of the stage-1 visual tokens
     kept from that LLM layer on; 0 drops them all) enable ToDRE's stage 2.
+
+    Parameters
+    ----------
+    model : transformers VLM
+        The model to wrap: one of ``SUPPORTED`` (LLaVA, LLaVA-NeXT, Qwen2-VL, Idefics3, SmolVLM).
+    method : str, default "todre"
+        Stage-1 selector: a name from ``SELECTORS``.
+    budget : int or None, default None
+        Visual tokens kept per sequence (all its images together) by stage 1.
+    ratio : float or None, default None
+        Alternative to ``budget``: fraction in (0, 1) of each sequence's visual tokens kept by
+        stage 1 (neither: every visual token is kept; both: an error at prefill).
+    stage2_layer : int or None, default None
+        LLM layer (1 .. layers - 1) from which stage 2 drops visual tokens, scored by the
+        instruction tokens' attention in the layer before (None: no stage 2).
+    stage2_keep : float, default 0.5
+        Fraction in [0, 1) of the stage-1 visual tokens kept from ``stage2_layer`` on (0 drops
+        them all); used only with ``stage2_layer``.
+    params : dict, default {}
+        Hyper-parameters of the selector, passed as ``get_selector(method, **params)``.
+    stats : PruneStats, default PruneStats()
+        What the last prefill kept; an output, replaced at each prefill (leave it unset).
     """
 
     model: torch.nn.Module

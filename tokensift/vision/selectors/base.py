@@ -101,7 +101,12 @@ def greedy_farthest(dist: torch.Tensor, first: torch.Tensor, k: int) -> torch.Te
 
 
 class SelectorBase:
-    """Common interface: ``select(tokens, budget, scores=None, layer_scores=None, text=None)``."""
+    """Common interface: ``select(tokens, budget, scores=None, layer_scores=None, text=None)``.
+
+    A selector is a dataclass whose fields are its hyper-parameters (``get_selector(name,
+    **params)``); each one lists them in a numpy-style ``Parameters`` section. The budget
+    (``budget`` or ``ratio``) is given per call, not per selector; the base has no parameters.
+    """
 
     name: ClassVar[str] = ""
     merges: ClassVar[bool] = False

@@ -17,6 +17,11 @@ class DART(SelectorBase):
 
     "Stop Looking for Important Tokens in Multimodal Language Models: Duplication
     Matters More" (DART).
+
+    Parameters
+    ----------
+    n_pivots : int, default 8
+        Pivot tokens (largest feature norm), always kept; capped at the budget, at least 1.
     """
 
     name = "dart"

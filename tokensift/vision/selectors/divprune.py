@@ -16,6 +16,10 @@ class DivPrune(SelectorBase):
     "DivPrune: Diversity-based Visual Token Pruning for Large Multimodal Models"
     (CVPR 2025). The first token is the most isolated one (largest distance to its nearest
     neighbour); each next token maximizes its minimum distance to those already chosen.
+
+    Parameters
+    ----------
+    None.
     """
 
     name = "divprune"

@@ -15,6 +15,10 @@ class FasterVLM(SelectorBase):
 
     "[CLS] Attention is All You Need for Training-Free Visual Token Pruning: Make
     VLM Inference Faster" (FasterVLM). Without [CLS] scores, falls back to ``proxy_scores``.
+
+    Parameters
+    ----------
+    None.
     """
 
     name = "fastervlm"

@@ -18,6 +18,15 @@ class GPrune(SelectorBase):
     "What Kind of Visual Tokens Do We Need? Training-free Visual Token Pruning for Multi-modal
     Large Language Models from the Perspective of Graph" (G-Prune). ``s0`` is [CLS] attention
     (or the proxy score).
+
+    Parameters
+    ----------
+    threshold : float, default 0.5
+        Cosine similarity above which two tokens share an edge (weighted by that cosine).
+    alpha : float, default 0.5
+        Weight ``a`` of the propagated score against the initial score ``s0`` at each step.
+    iterations : int, default 3
+        Propagation steps over the graph (0: the top-k of ``s0`` itself).
     """
 
     name = "gprune"

@@ -18,6 +18,12 @@ class MMTok(SelectorBase):
     "MMTok: Multimodal Coverage Maximization for Efficient Inference of VLMs".
     Greedy selection has the (1 - 1/e) guarantee of monotone submodular maximization.
     Similarities are cosines clipped at 0; text targets are weighted by ``text_weight``.
+
+    Parameters
+    ----------
+    text_weight : float, default 1.0
+        Scale of the similarities to the text targets (used only when text embeddings of the
+        tokens' width are given; 0: cover the visual set alone).
     """
 
     name = "mmtok"

@@ -13,7 +13,13 @@ from .registry import register
 @register
 @dataclass
 class RandomSelect(SelectorBase):
-    """Uniformly random kept set (deterministic for a given ``seed``). A floor for every method."""
+    """Uniformly random kept set (deterministic for a given ``seed``). A floor for every method.
+
+    Parameters
+    ----------
+    seed : int, default 0
+        Seed of the generator that draws each batch row's random permutation.
+    """
 
     name = "random"
     seed: int = 0

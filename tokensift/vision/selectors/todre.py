@@ -16,6 +16,10 @@ class ToDRE(SelectorBase):
     "ToDRE: Visual Token Pruning via Diversity and Task Awareness for Efficient Large
     Vision-Language Models". Stage 1 (this selector) runs after the vision encoder; stage 2
     (task relevance inside the LLM) is ``VisualTokenPruner(stage2_layer=..., stage2_keep=...)``.
+
+    Parameters
+    ----------
+    None.
     """
 
     name = "todre"

@@ -19,6 +19,10 @@ class ToMe(SelectorBase):
     bipartite rounds on the given tokens until the budget is met. Inside a ViT
     (``run_vit(method="tome")``) it merges a few tokens after every layer using that layer's
     keys, with proportional attention (``log(size)`` added to the attention logits).
+
+    Parameters
+    ----------
+    None.
     """
 
     name = "tome"

@@ -18,6 +18,13 @@ class Uniform(SelectorBase):
 
     Baseline used across the visual-token pruning literature (e.g. in DivPrune and FasterVLM).
     When the sub-grid has more points than the budget, points are dropped evenly.
+
+    Parameters
+    ----------
+    grid : tuple of (int, int) or None, default None
+        Patch grid as ``(rows, columns)`` (None: square when the token count is a perfect
+        square, else one row). When ``rows * columns`` is not the token count, evenly spaced
+        indices in raster order are kept instead.
     """
 
     name = "uniform"

@@ -18,6 +18,11 @@ class VisionZip(SelectorBase):
     "VisionZip: Longer is Better but Not Necessary in Vision Language Models"
     (CVPR 2025). Contextual targets are spread uniformly over the remaining tokens; every other
     remaining token joins its most similar target (cosine) and targets become size-weighted means.
+
+    Parameters
+    ----------
+    dominant_fraction : float, default 0.85
+        Share of the budget kept as dominant tokens (at least 1); the rest are contextual tokens.
     """
 
     name = "visionzip"

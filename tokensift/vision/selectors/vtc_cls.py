@@ -15,6 +15,11 @@ class VTCCLS(SelectorBase):
 
     "[CLS] Token Tells Everything Needed for Training-free Efficient MLLMs"
     (VTC-CLS). With only one score row it reduces to FasterVLM.
+
+    Parameters
+    ----------
+    n_layers : int, default 4
+        Last encoder layers whose [CLS] attention is averaged (all given rows if fewer).
     """
 
     name = "vtc_cls"
