@@ -10,7 +10,7 @@ from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
 from tokensift.policies import build_policy
 from tokensift.selection import read_stats
-from tokensift.storage.sketch import KeySketch, rotation
+from tokensift.storage.sketch import KeySketch, rotation, unpack_slots
 
 
 def tiered(k=24, **extra):
@@ -163,6 +163,104 @@ def test_two_bit_sketch_ranks_like_exact_scores():
     sketch.add(keys)
     chosen = set(sketch.logits(query, 1.0)[0, 0].topk(64).indices.tolist())
     assert set(planted.tolist()) <= chosen
+
+
+# ------------------------------------------------------- fast paths against the plain ones
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("tokens", [16, 12, 6, 3])  # bytes read as int64, int32, int16, uint8
+def test_unpack_slots_equals_shifting_each_byte(bits, tokens):
+    torch.manual_seed(tokens)
+    packed = torch.randint(0, 256, (2, 3, 5, 4, tokens), dtype=torch.uint8)
+    views = [packed, packed[:, :, 1:4], packed[:, 1:]]  # slices of a larger buffer, as the sketch holds them
+    for view in views:
+        slots = unpack_slots(view, bits)
+        assert slots.shape == (*view.shape[:-1], 8 // bits, tokens) and slots.dtype == torch.uint8
+        for i in range(8 // bits):
+            assert torch.equal(slots[..., i, :], (view >> (i * bits)) & ((1 << bits) - 1))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group", [8, 12, 128])
+def test_sketch_logits_fast_path_equals_reference(bits, group):
+    torch.manual_seed(bits * group)
+    keys = torch.randn(1, 2, 4 * group, 32) + torch.randn(32) * 3
+    sketch = KeySketch(bits, group=group, rotate=True)
+    sketch.add(keys[:, :, : 3 * group])
+    sketch.add(keys[:, :, 3 * group:])  # grown once: codes are a view of a buffer with spare room
+    assert sketch.count == 4 * group
+    for _ in range(3):
+        query = torch.randn(1, 4, 1, 32)  # 2 query heads per KV head
+        fast, reference = sketch.logits(query, 0.125), sketch.logits_reference(query, 0.125)
+        torch.testing.assert_close(fast, reference, rtol=1e-5, atol=1e-5)
+        for k in (group // 2, 2 * group):
+            assert torch.equal(fast.topk(k).indices.sort().values, reference.topk(k).indices.sort().values)
+
+
+def test_codes_are_the_token_packing_transposed_per_group():
+    from tokensift.quant import pack_codes
+
+    torch.manual_seed(0)
+    keys = torch.randn(1, 2, 32, 16)
+    sketch = KeySketch(2, group=8, rotate=False)
+    sketch.add(keys)
+    levels = sketch.codes_as_float()  # through the byte table, token by token
+    assert torch.equal(sketch.packed_tokens(), pack_codes(levels, 2))
+    assert sketch.codes.view().shape == (1, 2, 4, 4, 8)  # [batch, heads, groups, bytes per token, group]
+
+
+@pytest.mark.parametrize("settings", [
+    {"k": 40, "n_sink": 2, "window": 4, "group": 8},
+    {"k": 40, "n_sink": 0, "window": 0, "group": 8},
+    {"k": 30, "n_sink": 3, "window": 12, "group": 8},  # the window reaches into sketched slots
+    {"k": 40, "n_sink": 2, "window": 4, "group": 8, "refresh": 3},
+    {"k": 100, "n_sink": 2, "window": 4, "group": 16},  # k above the sketched count at first: the general path
+])
+def test_unpadded_fast_paths_equal_the_general_paths(monkeypatch, settings):
+    from tokensift.policies.tiered import Tiered
+    from tokensift.storage.tiered import TieredLayer
+
+    model = tiny_llama()
+    blocks = decode_blocks(prompt_len=120, steps=8)
+    compared = []
+    plain_choose = Tiered.choose
+
+    def checking_choose(self, layer, query, scaling):
+        fast, general = self.choose_unpadded(layer, query, scaling), self.choose_general(layer, query, scaling)
+        if fast is not None:
+            assert torch.equal(fast[0], general[0]) and torch.equal(fast[1], general[1])
+            compared.append(layer.seen)
+        return plain_choose(self, layer, query, scaling)
+
+    policy = build_policy("tiered", **settings)
+    with monkeypatch.context() as patch:
+        patch.setattr(Tiered, "choose", checking_choose)
+        fast, fast_cache = run_blocks(model, policy, blocks)
+    assert compared  # the fast choice ran and chose what the general path chooses
+    with monkeypatch.context() as patch:  # every layer treated as padded: masks, per-row loops, reuse_read
+        patch.setattr(TieredLayer, "padded", property(lambda self: True, lambda self, value: None), raising=False)
+        general, general_cache = run_blocks(model, policy, blocks)
+    assert torch.equal(fast, general)
+    assert read_stats(fast_cache) == read_stats(general_cache)
+    for ours, theirs in zip(fast_cache.selecting_layers, general_cache.selecting_layers):
+        assert torch.equal(ours.sketches[0].codes.view(), theirs.sketches[0].codes.view())
+
+
+def test_padding_is_tracked_through_rollback_and_reorder():
+    model = tiny_llama()
+    prompts = [random_ids(n, seed=n)[0] for n in (40, 33)]
+    ids = torch.zeros(2, 40, dtype=torch.long)
+    mask = torch.zeros(2, 40, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, 40 - len(prompt):], mask[row, 40 - len(prompt):] = prompt, 1
+    cache = make_cache(model, tiered(k=20))
+    with torch.inference_mode():
+        model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    layer = cache.selecting_layers[0]
+    assert layer.padded
+    layer.batch_select_indices(torch.tensor([0]))  # the unpadded row alone
+    assert not layer.padded
+    layer.batch_select_indices(torch.tensor([0, 0]))
+    assert not layer.padded
 
 
 # ------------------------------------------------------------------ accounting

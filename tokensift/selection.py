@@ -141,18 +141,22 @@ def _row_view(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
     return tensor.contiguous().view(-1, dim), kept
 
 
+def _flat_rows(tensor: torch.Tensor, index: torch.Tensor, stride: int) -> torch.Tensor:
+    """Flat row numbers in :func:`_row_view`'s rows of ``tensor`` for ``index`` ``[batch, heads, m]``."""
+    batch, kv_heads = tensor.shape[:2]
+    heads, m = index.shape[1], index.shape[2]
+    base = torch.arange(batch * kv_heads, device=index.device).view(batch, kv_heads, 1, 1) * stride
+    return (index.reshape(batch, kv_heads, heads // kv_heads, m) + base).reshape(-1)
+
+
 def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``tensor[b, h // r, index[b, h, j]]`` for ``index`` ``[batch, heads, m]``: ``[batch, heads, m, dim]``.
 
     ``heads`` is a multiple of the tensor's heads (``r`` query heads per KV head); one
     ``index_select`` over a flat row view of the storage.
     """
-    batch, kv_heads, _, dim = tensor.shape
-    heads, m = index.shape[1], index.shape[2]
     rows, stride = _row_view(tensor)
-    base = torch.arange(batch * kv_heads, device=index.device).view(batch, kv_heads, 1, 1) * stride
-    flat = index.reshape(batch, kv_heads, heads // kv_heads, m) + base
-    return rows.index_select(0, flat.reshape(-1)).view(batch, heads, m, dim)
+    return rows.index_select(0, _flat_rows(tensor, index, stride)).view(*index.shape, tensor.shape[-1])
 
 
 def gather_attend(query, key, value, index, ok, scaling: float, query_valid=None) -> torch.Tensor:
@@ -163,8 +167,12 @@ def gather_attend(query, key, value, index, ok, scaling: float, query_valid=None
     batch, kv_heads = query.shape[0], key.shape[1]
     if index.shape[1] == 1:
         index, ok = index.expand(batch, kv_heads, -1), ok.expand(batch, kv_heads, -1)
-    rows = index.to(key.device)
-    keys, values = gather_rows(key, rows).to(query.device), gather_rows(value, rows).to(query.device)
+    index = index.to(key.device)
+    (key_rows, key_stride), (value_rows, value_stride) = _row_view(key), _row_view(value)
+    flat = _flat_rows(key, index, key_stride)  # K and V laid out alike (a cache's, a tier's): one index for both
+    value_flat = flat if (value_stride, value.shape[:2]) == (key_stride, key.shape[:2]) else _flat_rows(value, index, value_stride)
+    keys = key_rows.index_select(0, flat).view(*index.shape, key.shape[-1]).to(query.device)
+    values = value_rows.index_select(0, value_flat).view(*index.shape, value.shape[-1]).to(query.device)
     return attend_gathered(query, keys, values, ok, scaling, query_valid)
 
 

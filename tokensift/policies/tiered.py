@@ -12,7 +12,9 @@ from tokensift.errors import TokensiftError
 from tokensift.policies.registry import register
 from tokensift.quant import check_bits
 from tokensift.policies.sparse_base import SparsePolicy
-from tokensift.selection import count, forced_mask, gather_attend, reuse_read, save_selection, to_query_heads, top_k
+from tokensift.selection import (
+    NEG_INF, POS_INF, count, forced_mask, gather_attend, reuse_read, to_query_heads, top_k,
+)
 
 SELECTION = "tiered_selection"  # layer.state key of the selection reused between refreshes
 
@@ -124,16 +126,33 @@ class Tiered(SparsePolicy):
         if saved is not None and layer.seen - saved["seen"] < self.refresh and saved["ok"].shape[0] == query.shape[0]:
             count(layer, "reused")
             count(layer, "fetched_rows", int(saved["ok"].sum()) + (layer.seen - saved["seen"]) * saved["ok"].shape[1])
-            return reuse_read(layer, query, key, value, query_valid, scaling, saved)
+            if layer.padded:
+                return reuse_read(layer, query, key, value, query_valid, scaling, saved)
+            index, ok = self.reused_unpadded(layer, saved)
+            return gather_attend(query, key, value, index, ok, scaling, query_valid)
         index, ok = self.choose(layer, query, scaling)
         count(layer, "fetched_rows", int(ok.sum()))
-        if self.refresh > 1:
-            layer.state[SELECTION] = save_selection(layer, index, ok)
+        if self.refresh > 1:  # every token is kept: positions are storage slots (what save_selection stores)
+            layer.state[SELECTION] = {"positions": index, "ok": ok, "seen": layer.seen}
         return gather_attend(query, key, value, index, ok, scaling, query_valid)
+
+    @staticmethod
+    def reused_unpadded(layer, saved: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``reuse_read`` reads for a layer without padding: the stored selection and every
+        token added since, as a range (positions are slots and every slot is valid, so its
+        position lookup and validity gather change nothing)."""
+        index, ok = saved["positions"], saved["ok"]
+        recent = torch.arange(saved["seen"], layer.seen, device=index.device).expand(*index.shape[:2], -1)
+        return torch.cat([index, recent], -1), torch.cat([ok, ok.new_ones(recent.shape)], -1)
 
     def choose(self, layer, query, scaling):
         """Storage indices ``[batch, q_heads, n]`` to read (and ``ok``): the sketch's top ``k`` per query
         head (sinks and window forced in), then every real token not sketched yet."""
+        chosen = self.choose_unpadded(layer, query, scaling)
+        return chosen if chosen is not None else self.choose_general(layer, query, scaling)
+
+    def choose_general(self, layer, query, scaling):
+        """:meth:`choose` for any layer (padding, unequal sketches): masks over every slot."""
         q_heads = query.shape[1]
         logits, sketched = layer.sketch_logits(query, scaling)
         allowed = to_query_heads(layer.valid & sketched[:, None], q_heads)
@@ -142,6 +161,33 @@ class Tiered(SparsePolicy):
         recent, recent_ok = layer.unsketched_slots()  # not sketched yet: always read
         shape = (query.shape[0], q_heads, recent.shape[-1])
         return torch.cat([picked, recent.expand(shape)], -1), torch.cat([picked_ok, recent_ok.expand(shape)], -1)
+
+    def choose_unpadded(self, layer, query, scaling):
+        """:meth:`choose` for a layer without padding whose sequences have sketched the same
+        ``sketched >= k`` tokens (decoding one prompt, or a batch of equal lengths), else None.
+
+        Then slot == position == rank: the sketched slots are ``0..sketched``, the sinks the first
+        ``n_sink`` slots and the window the last ``window`` ones, so the top ``k`` is taken over the
+        sketch's own logits with the forced slots set to +inf in place, the unsketched slots
+        ``sketched..seen`` are a range, and no ``seen``-long -inf tensor, mask or per-row loop is
+        built. Same choice as :meth:`choose_general` (the same top ``k`` of the same scores).
+        """
+        seen, k = layer.seen, min(self.k, layer.seen)
+        sketched = layer.sketches[0].count if layer.sketches else 0
+        if k > sketched or layer.padded:  # the general path pads the choice with empty slots
+            return None
+        logits = layer.sketched_prefix_logits(query, scaling)
+        if logits is None:
+            return None
+        logits[..., :min(self.n_sink, sketched)] = POS_INF  # forced_mask: sinks, window, newest token
+        start = min(seen - self.window, seen - 1)
+        if start < sketched:
+            logits[..., max(start, 0):sketched] = POS_INF
+        values, index = logits.topk(k, dim=-1, sorted=False)
+        index, order = index.sort(dim=-1)
+        ok = values.gather(-1, order) > NEG_INF
+        recent = torch.arange(sketched, seen, device=index.device).expand(*index.shape[:2], -1)
+        return torch.cat([index, recent], -1), torch.cat([ok, ok.new_ones(recent.shape)], -1)
 
     def describe(self) -> str:
         refresh = f",refresh={self.refresh}" if self.refresh > 1 else ""

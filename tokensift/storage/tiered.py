@@ -58,6 +58,7 @@ class TieredLayer(SelectingLayer):
         self.tier: SecondTier | None = None
         self.sketches: list[KeySketch] = []  # one per sequence: groups of its real tokens
         self.mask: torch.Tensor | None = None  # [batch, seen] bool: real token (not padding)
+        self.padded = False  # does ``mask`` hold any padding? (False: slot == position == rank)
         self._metadata: dict | None = None
 
     # ------------------------------------------------------------ transformers API
@@ -105,6 +106,7 @@ class TieredLayer(SelectingLayer):
         self._forget_sketches_after(length)
         self.seen = self.tier.length = length
         self.mask = self.mask[:, :length].clone()  # a view would keep (and hide) the longer mask
+        self._mask_changed()
         self._refresh_views()
 
     def _forget_sketches_after(self, length: int) -> None:
@@ -124,6 +126,7 @@ class TieredLayer(SelectingLayer):
         self.tier.keep_rows(start, rows)
         self.mask = torch.cat([self.mask[:, :start], self.mask[:, start + rows]], dim=1)
         self.seen = start + int(rows.numel())
+        self._mask_changed()
         self._refresh_views()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -131,6 +134,7 @@ class TieredLayer(SelectingLayer):
         self.tier = self.tier.select_batch(indices)
         self.sketches = [copy.deepcopy(self.sketches[i]) for i in indices.tolist()]
         self.mask = self.mask[indices.to(self.mask.device)]
+        self._mask_changed()
         self._refresh_views()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -162,12 +166,22 @@ class TieredLayer(SelectingLayer):
 
     def mark_new_tokens(self, new_valid: torch.Tensor) -> None:
         self.mask[:, -new_valid.shape[1]:] = new_valid.to(self.mask.device)
+        self.padded = self.padded or not bool(new_valid.all())
         self._metadata = None
+
+    def _mask_changed(self) -> None:
+        self.padded = not bool(self.mask.all())
 
     # ------------------------------------------------------------- sketching
     def enforce_budget(self) -> None:
         """Nothing is evicted: sketch each sequence's whole groups of real tokens not sketched yet."""
         if self.defer_eviction or not self.is_initialized:
+            return
+        if not self.padded:  # every slot is a real token: the slots to sketch are a range
+            for row, sketch in enumerate(self.sketches):
+                ready = (self.seen - sketch.count) // sketch.group * sketch.group
+                if ready:
+                    sketch.add(self.tier.keys[row:row + 1, :, sketch.count:sketch.count + ready].to(self.device))
             return
         for row, (sketch, slots) in enumerate(zip(self.sketches, self._implicit()["real_slots"])):
             ready = (len(slots) - sketch.count) // sketch.group * sketch.group
@@ -187,6 +201,21 @@ class TieredLayer(SelectingLayer):
                 logits[row, :, slots] = sketch.logits(query[row:row + 1], scaling)[0]
                 sketched[row, slots] = True
         return logits, sketched
+
+    def sketched_prefix_logits(self, query: torch.Tensor, scaling: float) -> torch.Tensor | None:
+        """Without padding, when every sequence has sketched the same ``count`` tokens: the sketch
+        logits ``[batch, q_heads, count]`` of slots ``0..count`` (the sketched slots; the rest,
+        ``count..seen``, are the unsketched ones), a new tensor the caller may overwrite; else None.
+        The same numbers :meth:`sketch_logits` puts at those slots, without its ``seen``-long
+        -inf tensor, mask and scatter."""
+        if self.padded or not self.sketches:
+            return None
+        count = self.sketches[0].count
+        if count == 0 or any(sketch.count != count for sketch in self.sketches):
+            return None
+        if len(self.sketches) == 1:
+            return self.sketches[0].logits(query, scaling)
+        return torch.cat([sketch.logits(query[row:row + 1], scaling) for row, sketch in enumerate(self.sketches)])
 
     def unsketched_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[batch, 1, n]`` slots of each sequence's real tokens not sketched yet (padded, ``ok`` False)."""
