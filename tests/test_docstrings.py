@@ -77,22 +77,20 @@ def test_parser_reads_entries():
     assert listed(Example) == {"alpha", "beta", "gamma"}
 
 
-@pytest.mark.parametrize("name", sorted(POLICIES))
-def test_policy_parameters_documented(name):
-    cls = POLICIES[name]
+METHOD_CLASSES = {**{f"policy:{n}": c for n, c in POLICIES.items()}, **{f"prefill:{n}": c for n, c in PREFILLS.items()},
+                  **{f"vision:{n}": c for n, c in SELECTORS.items()}}
+
+
+@pytest.mark.parametrize("key", sorted(METHOD_CLASSES))
+def test_method_parameters_documented(key):
+    """Every KV policy, prefill policy and vision selector lists each of its fields."""
+    cls = METHOD_CLASSES[key]
     assert "Parameters\n----------" in inspect.cleandoc(cls.__doc__ or ""), f"{cls.__name__} has no Parameters section"
     assert missing_fields(cls) == [], f"{cls.__name__} does not list {missing_fields(cls)}"
 
 
 def test_common_policy_parameters_documented_once():
     assert {f.name for f in dataclasses.fields(Policy)} <= listed(Policy)
-
-
-@pytest.mark.parametrize("name", sorted(PREFILLS))
-def test_prefill_parameters_documented(name):
-    cls = PREFILLS[name]
-    assert "Parameters\n----------" in inspect.cleandoc(cls.__doc__ or ""), f"{cls.__name__} has no Parameters section"
-    assert missing_fields(cls) == [], f"{cls.__name__} does not list {missing_fields(cls)}"
 
 
 def drafter_classes() -> list[type]:
@@ -104,13 +102,6 @@ def drafter_classes() -> list[type]:
 def test_speculative_parameters_documented(cls):
     missing = [name for name in init_parameters(cls) if name not in listed(cls)]
     assert missing == [], f"{cls.__name__} does not list {missing}"
-
-
-@pytest.mark.parametrize("name", sorted(SELECTORS))
-def test_vision_selector_parameters_documented(name):
-    cls = SELECTORS[name]
-    assert "Parameters\n----------" in inspect.cleandoc(cls.__doc__ or ""), f"{cls.__name__} has no Parameters section"
-    assert missing_fields(cls) == [], f"{cls.__name__} does not list {missing_fields(cls)}"
 
 
 def test_visual_token_pruner_parameters_documented():
