@@ -21,6 +21,7 @@ from tokensift.quant import EPS, SCALE_DTYPE, pack_codes
 
 _ROTATIONS: dict[tuple, torch.Tensor] = {}
 _BYTE_LEVELS: dict[tuple, torch.Tensor] = {}
+_SHIFTS: dict[tuple, torch.Tensor] = {}
 
 
 def hadamard(dim: int, device=None) -> torch.Tensor:
@@ -84,8 +85,10 @@ def unpack_slots(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """
     per_byte = 8 // bits
     lanes, size = _lane_view(packed)
-    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=lanes.dtype)[:, None]
-    slots = lanes[..., None, :] >> shifts
+    key = (bits, lanes.dtype, str(packed.device))
+    if key not in _SHIFTS:
+        _SHIFTS[key] = torch.arange(0, 8, bits, device=packed.device, dtype=lanes.dtype)[:, None]
+    slots = lanes[..., None, :] >> _SHIFTS[key]
     slots &= _byte_mask(bits, size)
     return slots.view(torch.uint8).view(*packed.shape[:-1], per_byte, packed.shape[-1])
 
