@@ -86,3 +86,17 @@ def tokenizer():
 def random_ids(length: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     return torch.randint(1, 128, (batch, length), generator=generator)
+
+
+def run_bench_cli(monkeypatch, *args) -> int:
+    """``tokensift bench *args`` in this process; its exit code (0 when it returns)."""
+    import sys
+
+    from tokensift import cli
+
+    monkeypatch.setattr(sys, "argv", ["tokensift", "bench", *args])
+    try:
+        cli.main()
+    except SystemExit as done:
+        return done.code
+    return 0

@@ -7,13 +7,12 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
-import sys
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
+from conftest import run_bench_cli as bench
 
-from tokensift import cli
 from tokensift.bench.suite import BENCH_OPTIONS, REGISTRY, TEXT_SUITES, Suite, flag, get_suite, resolve
 from tokensift.errors import TokensiftError
 
@@ -28,15 +27,6 @@ def suite_or_skip(name: str) -> Suite:
         return get_suite(name)
     except TokensiftError as error:  # an optional suite without its packages
         pytest.skip(str(error))
-
-
-def bench(monkeypatch, *args) -> int:
-    monkeypatch.setattr(sys, "argv", ["tokensift", "bench", *args])
-    try:
-        cli.main()
-    except SystemExit as done:
-        return done.code
-    return 0
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))

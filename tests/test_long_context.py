@@ -238,21 +238,14 @@ def test_replayed_and_merged_caches_decode_like_a_fresh_prefill(name):
 
 
 def test_cli_bench_passes_the_model_to_every_language_model_suite(monkeypatch, capsys):
-    import sys
-
-    from tokensift import cli
+    from conftest import run_bench_cli
 
     seen = {}
     monkeypatch.setattr("tokensift.bench.runner.run_bench", lambda config, out, workers=1, ray=None: seen.setdefault("config", config))
     monkeypatch.setattr("tokensift.bench.sparse_speed.run_sparse_speed", lambda out, **kw: seen.setdefault("sparse", kw))
 
     def run(*args):
-        monkeypatch.setattr(sys, "argv", ["tokensift", "bench", *args])
-        try:
-            cli.main()
-        except SystemExit as done:
-            return done.code
-        return 0
+        return run_bench_cli(monkeypatch, *args)
 
     assert run("--suite", "long", "--lengths", "8192") == 0
     assert seen["config"].model == "gemma3" and seen["config"].lengths == [8192]

@@ -7,7 +7,7 @@ from transformers import DynamicCache
 from conftest import TinyTokenizer, random_ids, tiny_llama
 from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
-from tokensift.generate import generate
+from tokensift.generate import generate, left_pad
 from tokensift.policies import POLICIES, build_policy
 from tokensift.selection import gather_attend, read_stats
 from tokensift.storage.sparse_layer import sparse_layer_class
@@ -183,10 +183,7 @@ def test_hisa_few_blocks_selects_inside_kept_blocks():
 def test_batch_with_left_padding_inside_model_generate(name):
     model = tiny_llama()
     prompts = [random_ids(n, seed=n)[0] for n in (70, 45)]
-    ids = torch.zeros(2, 70, dtype=torch.long)
-    mask = torch.zeros(2, 70, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, 70 - len(prompt):], mask[row, 70 - len(prompt):] = prompt, 1
+    ids, mask = left_pad([prompt.tolist() for prompt in prompts], pad_id=0)
     cache = make_cache(model, sparse_policy(name, k=24))
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=cache)
     assert read_stats(cache)["sparse"] > 0

@@ -7,6 +7,7 @@ import torch
 
 from conftest import random_ids, tiny_llama
 from tokensift.engine import make_cache
+from tokensift.generate import left_pad
 from tokensift.errors import TokensiftError
 from tokensift.policies import build_policy
 from tokensift.selection import read_stats
@@ -68,10 +69,7 @@ def test_refresh_reuses_a_selection_between_scorings():
 def test_batch_with_left_padding_equals_one_by_one():
     model = tiny_llama()
     prompts = [random_ids(n, seed=n)[0] for n in (90, 53)]
-    ids = torch.zeros(2, 90, dtype=torch.long)
-    mask = torch.zeros(2, 90, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, 90 - len(prompt):], mask[row, 90 - len(prompt):] = prompt, 1
+    ids, mask = left_pad([prompt.tolist() for prompt in prompts], pad_id=0)
     cache = make_cache(model, tiered(k=20))
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, past_key_values=cache)
     assert read_stats(cache)["sparse"] > 0
@@ -248,10 +246,7 @@ def test_unpadded_fast_paths_equal_the_general_paths(monkeypatch, settings):
 def test_padding_is_tracked_through_rollback_and_reorder():
     model = tiny_llama()
     prompts = [random_ids(n, seed=n)[0] for n in (40, 33)]
-    ids = torch.zeros(2, 40, dtype=torch.long)
-    mask = torch.zeros(2, 40, dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, 40 - len(prompt):], mask[row, 40 - len(prompt):] = prompt, 1
+    ids, mask = left_pad([prompt.tolist() for prompt in prompts], pad_id=0)
     cache = make_cache(model, tiered(k=20))
     with torch.inference_mode():
         model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)

@@ -127,8 +127,8 @@ class SelectingLayer(CacheLayerMixin):
         self.subset_positions = None
         batch, heads, new = key_states.shape[:3]
         spare = self.growth_room(new)
-        self.keys = self._append("keys", key_states, spare)
-        self.values = self._append("values", value_states, spare)
+        self.store.append("keys", key_states, spare)
+        self.store.append("values", value_states, spare)
         if self.lazy and self.kept > new:  # metadata waits (a first block is written at once)
             self._unmarked += new
         else:
@@ -143,8 +143,8 @@ class SelectingLayer(CacheLayerMixin):
             raise RuntimeError("a pruning prefill needs an empty layer")
         batch, heads, new = key_states.shape[:3]
         positions = subset.positions.to(self.device)
-        self.keys = self._append("keys", key_states, 0)
-        self.values = self._append("values", value_states, 0)
+        self.store.append("keys", key_states)
+        self.store.append("values", value_states)
         self.positions = positions.expand(batch, heads, new).contiguous()
         self.ranks = self.positions.clone()
         self.valid = torch.ones(batch, heads, new, dtype=torch.bool, device=self.device)
@@ -158,10 +158,11 @@ class SelectingLayer(CacheLayerMixin):
     def _append_metadata(self, batch: int, heads: int, start: int, new: int, spare: int) -> None:
         """Metadata of ``new`` unmarked tokens at positions ``start``..: assumed valid."""
         positions = torch.arange(start, start + new, device=self.device)
-        self.positions = self._append("positions", positions.expand(batch, heads, new), spare)
-        self.ranks = self._append("ranks", self.ranks.new_zeros(batch, heads, new), spare)
-        self.valid = self._append("valid", self.valid.new_ones(batch, heads, new), spare)
-        self.sink = self._append("sink", self.sink.new_zeros(batch, heads, new), spare)
+        store = self.store
+        store.append("positions", positions.expand(batch, heads, new), spare)
+        store.append("ranks", store["ranks"].new_zeros(batch, heads, new), spare)
+        store.append("valid", store["valid"].new_ones(batch, heads, new), spare)
+        store.append("sink", store["sink"].new_zeros(batch, heads, new), spare)
 
     def materialize(self) -> None:
         """Write the metadata of the tokens whose metadata waits (``lazy`` layers): the ``pending``
@@ -187,10 +188,6 @@ class SelectingLayer(CacheLayerMixin):
         if new > SMALL_APPEND or (self.policy.evicts and not self.defer_eviction):
             return 0
         return max(SMALL_APPEND, (self.kept + new) // GROWTH_FRACTION)
-
-    def _append(self, name: str, new: torch.Tensor, spare: int) -> torch.Tensor:
-        """``cat([self.<name>, new])`` along the token axis (see :meth:`TokenStore.append`)."""
-        return self.store.append(name, new, spare)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """Kept tokens + new ones, offset so new tokens sit at their true positions."""

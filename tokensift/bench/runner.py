@@ -116,16 +116,10 @@ def run_text_suite(out: Path, *, suite: str, device: str = "cpu", dtype: str = "
     run_bench(config, out, workers=workers, ray=ray)
 
 
-def write_text_report(out: Path) -> None:
-    from tokensift.bench.report import write_report
-
-    write_report(Path(out))
-
-
 SUITE = Suite(
     names=tuple(SUITES),
     options=("suite", "model", "policies", "budgets", "ratios", "lengths", "tasks", "protocols", "samples", "seed",
              "full_only_tasks", "lm_budgets", "workers", "ray", "kernels"),
     runner=f"{__name__}:run_text_suite",
-    reporter=f"{__name__}:write_text_report",
+    reporter="tokensift.bench.report:write_report",
 )

@@ -141,9 +141,7 @@ class Tiered(SparsePolicy):
         """What ``reuse_read`` reads for a layer without padding: the stored selection and every
         token added since, as a range (positions are slots and every slot is valid, so its
         position lookup and validity gather change nothing)."""
-        index, ok = saved["positions"], saved["ok"]
-        recent = torch.arange(saved["seen"], layer.seen, device=index.device).expand(*index.shape[:2], -1)
-        return torch.cat([index, recent], -1), torch.cat([ok, ok.new_ones(recent.shape)], -1)
+        return _then_slots(saved["positions"], saved["ok"], saved["seen"], layer.seen)
 
     def choose(self, layer, query, scaling):
         """Storage indices ``[batch, q_heads, n]`` to read (and ``ok``): the sketch's top ``k`` per query
@@ -185,10 +183,14 @@ class Tiered(SparsePolicy):
             logits[..., max(start, 0):sketched] = POS_INF
         values, index = logits.topk(k, dim=-1, sorted=False)
         index, order = index.sort(dim=-1)
-        ok = values.gather(-1, order) > NEG_INF
-        recent = torch.arange(sketched, seen, device=index.device).expand(*index.shape[:2], -1)
-        return torch.cat([index, recent], -1), torch.cat([ok, ok.new_ones(recent.shape)], -1)
+        return _then_slots(index, values.gather(-1, order) > NEG_INF, sketched, seen)
 
     def describe(self) -> str:
         refresh = f",refresh={self.refresh}" if self.refresh > 1 else ""
         return f"{self.name}(k={self.k},{self.bits}-bit,{self.tier}{refresh})"
+
+
+def _then_slots(index: torch.Tensor, ok: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``index``/``ok`` (``[batch, q_heads, n]``) followed by every slot ``start..end`` (all read)."""
+    recent = torch.arange(start, end, device=index.device).expand(*index.shape[:2], -1)
+    return torch.cat([index, recent], -1), torch.cat([ok, ok.new_ones(recent.shape)], -1)

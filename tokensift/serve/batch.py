@@ -57,9 +57,6 @@ def padding_mask(lengths: list[int], device=None) -> torch.Tensor:
 
 def repack(model, policy, rows: list[tuple[SelectingCache, int]]) -> SelectingCache:
     """A new cache (under ``policy``) holding the given ``(cache, row)`` pairs, in that order."""
-    for cache in {id(c): c for c, _ in rows}.values():
-        for layer in cache.selecting_layers:
-            layer.materialize()
     lengths = [int(cache.selecting_layers[0].valid_seen[row]) for cache, row in rows]
     seen = max(lengths)
     merged = make_cache(model, policy)

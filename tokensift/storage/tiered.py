@@ -58,7 +58,6 @@ class TieredLayer(SelectingLayer):
         self.tier: SecondTier | None = None
         self.sketches: list[KeySketch] = []  # one per sequence: groups of its real tokens
         self.mask: torch.Tensor | None = None  # [batch, seen] bool: real token (not padding)
-        self.padded = False  # does ``mask`` hold any padding? (False: slot == position == rank)
         self._metadata: dict | None = None
 
     # ------------------------------------------------------------ transformers API
@@ -106,7 +105,6 @@ class TieredLayer(SelectingLayer):
         self._forget_sketches_after(length)
         self.seen = self.tier.length = length
         self.mask = self.mask[:, :length].clone()  # a view would keep (and hide) the longer mask
-        self._mask_changed()
         self._refresh_views()
 
     def _forget_sketches_after(self, length: int) -> None:
@@ -126,7 +124,6 @@ class TieredLayer(SelectingLayer):
         self.tier.keep_rows(start, rows)
         self.mask = torch.cat([self.mask[:, :start], self.mask[:, start + rows]], dim=1)
         self.seen = start + int(rows.numel())
-        self._mask_changed()
         self._refresh_views()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -134,7 +131,6 @@ class TieredLayer(SelectingLayer):
         self.tier = self.tier.select_batch(indices)
         self.sketches = [copy.deepcopy(self.sketches[i]) for i in indices.tolist()]
         self.mask = self.mask[indices.to(self.mask.device)]
-        self._mask_changed()
         self._refresh_views()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -166,11 +162,12 @@ class TieredLayer(SelectingLayer):
 
     def mark_new_tokens(self, new_valid: torch.Tensor) -> None:
         self.mask[:, -new_valid.shape[1]:] = new_valid.to(self.mask.device)
-        self.padded = self.padded or not bool(new_valid.all())
         self._metadata = None
 
-    def _mask_changed(self) -> None:
-        self.padded = not bool(self.mask.all())
+    @property
+    def padded(self) -> bool:
+        """Does ``mask`` hold any padding? (False: slot == position == rank.)"""
+        return self.mask is not None and not bool(self.mask.all())
 
     # ------------------------------------------------------------- sketching
     def enforce_budget(self) -> None:
