@@ -12,6 +12,7 @@ from tokensift.errors import TokensiftError
 from tokensift.generate import Decoder, generate
 from tokensift.policies import POLICIES, build_policy
 from tokensift.prefill import PREFILLS, build_prefill
+from tokensift.prefill.gemfilter import filter_layer
 from tokensift.prefill.subset import last_token_attention, subset_masks
 from tokensift.speculative import CostModel, Speculator
 
@@ -107,6 +108,34 @@ def test_gemfilter_equals_the_model_on_its_tokens_at_true_positions(arch):
     assert got == expected
 
 
+@pytest.mark.parametrize("arch", MODELS)
+def test_compact_gemfilter_is_the_model_on_its_tokens_reindexed(arch):
+    """positions=compact (the paper's re-indexing): the cache holds exactly what a plain prefill of
+    the kept tokens as a fresh prompt holds, and greedy decoding goes on at position top_k."""
+    model, ids = MODELS[arch](), random_ids(90, seed=4)
+    settings = dict(layer=1, top_k=40, span=2, positions="compact")
+    logits, cache = prefill_logits(model, ids, ("gemfilter", settings))
+    kept = build_prefill("gemfilter", **settings).select(model, ids, filter_layer(model, 1))
+    assert cache.get_seq_length() == 40 and kept.numel() == 40
+    reference, plain_cache = prefill_logits(model, ids[:, kept])
+    assert torch.equal(logits, reference)
+    prompt, tokenizer = ids[0].tolist(), TinyTokenizer()
+    compact = generate(model, tokenizer, prompt, max_new_tokens=10, prefill=build_prefill("gemfilter", **settings))
+    plain = generate(model, tokenizer, ids[0, kept].tolist(), max_new_tokens=10)
+    assert compact.token_ids == plain.token_ids
+
+
+def test_span_keeps_the_neighbours_of_the_best_tokens():
+    from tokensift.prefill.subset import top_tokens
+
+    scores = torch.zeros(40)
+    scores[10], scores[25] = 5.0, 4.0
+    spans = top_tokens(scores, 13, protect=3, span=2).tolist()
+    assert spans == [8, 9, 10, 11, 12, 23, 24, 25, 26, 27, 37, 38, 39]
+    assert top_tokens(scores, 6, protect=3, span=2).tolist() == [9, 10, 11, 37, 38, 39]  # nearest first, exact count
+    assert top_tokens(scores, 40, protect=3, span=2).tolist() == list(range(40))
+
+
 def test_gemma3_keeps_the_window_and_counts_true_distance():
     model, ids = tiny_gemma3(), random_ids(100, seed=5)
     window = model.config.sliding_window
@@ -187,6 +216,8 @@ def test_speculation_is_lossless_over_a_pruned_prefill(name):
     ("lazyllm", dict(speed="fast"), "has no parameter 'speed'"),
     ("gemfilter", dict(top_k="0"), "prunes every prompt token"),
     ("gemfilter", dict(top_k="many"), "must be int"),
+    ("gemfilter", dict(span="-1"), "span must be >= 0"),
+    ("gemfilter", dict(positions="shifted"), "positions must be 'true' or 'compact'"),
     ("nope", {}, "unknown prefill 'nope'"),
 ])
 def test_bad_parameters_are_one_line_errors(name, params, fragment):

@@ -99,9 +99,11 @@ class Decoder:
         return logits
 
     def prefill_pruned(self, policy: PrefillPolicy, ids: torch.Tensor) -> torch.Tensor:
-        """Feed a prompt (batch of one) under a pruning prefill policy: every token counts as seen."""
-        self.mask = torch.ones_like(ids)
-        return policy.run(self.model, self.cache, ids)
+        """Feed a prompt (batch of one) under a pruning prefill policy; positions go on from the
+        length the cache reports (the whole prompt, or the kept tokens when they were re-indexed)."""
+        logits = policy.run(self.model, self.cache, ids)
+        self.mask = torch.ones((1, self.cache.get_seq_length()), dtype=torch.long, device=ids.device)
+        return logits
 
 
 @dataclass

@@ -71,10 +71,12 @@ def build_prefill(name: str | PrefillPolicy | None, **params) -> PrefillPolicy:
 
 
 def convert(name: str, key: str, hint: str, value):
-    """A CLI string to the field's type (``int``, ``float`` or a comma list of floats)."""
+    """A CLI string to the field's type (``str``, ``int``, ``float`` or a comma list of floats)."""
     if not isinstance(value, str):
         return tuple(value) if isinstance(value, list) else value
     try:
+        if hint == "str":
+            return value
         if "tuple" in hint:
             return tuple(float(part) for part in value.replace(";", ",").split(",") if part.strip())
         return int(value) if hint == "int" else float(value)

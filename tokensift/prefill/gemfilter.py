@@ -21,12 +21,14 @@ class GemFilter(PrefillPolicy):
     only. The paper's defaults: the filter layer 13 of Llama 3.1 8B's 32 (0.4 of the depth), 1024
     tokens; it reports 2.4x faster prefill at about 30% less memory than SnapKV-style methods.
 
-    Here the kept tokens keep their true positions (RoPE and cache metadata), and on models with
-    sliding-window layers the last ``window`` tokens are always kept (those layers read them) and
-    the score comes from the last full-attention layer up to ``layer`` (a sliding layer only
-    attends inside its window). The filter pass stops right after the filter layer's attention
-    scores; a prompt of at most ``top_k`` tokens is prefilled as is. Pruned tokens are gone for
-    the whole generation (as if evicted at every layer). Batch of one.
+    By default the kept tokens keep their true positions (RoPE and cache metadata);
+    ``positions="compact"`` re-indexes them 0..top_k-1 as a fresh, shorter prompt, as the paper
+    does (decoding then goes on at position top_k). On models with sliding-window layers the last
+    ``window`` tokens are always kept (those layers read them) and the score comes from the last
+    full-attention layer up to ``layer`` (a sliding layer only attends inside its window). The
+    filter pass stops right after the filter layer's attention scores; a prompt of at most
+    ``top_k`` tokens is prefilled as is. Pruned tokens are gone for the whole generation (as if
+    evicted at every layer). Batch of one.
 
     Parameters
     ----------
@@ -36,6 +38,12 @@ class GemFilter(PrefillPolicy):
         Prompt tokens kept (>= 1).
     rows : int, default 1
         Last prompt tokens whose attention scores the tokens (the paper: the last one).
+    span : int, default 0
+        Neighbours kept on either side of each chosen token, within ``top_k`` (0: single tokens,
+        as the paper).
+    positions : {"true", "compact"}, default "true"
+        ``true``: kept tokens at their prompt positions; ``compact``: re-indexed contiguously
+        (the paper's choice; on sliding-window models the kept tokens then fall inside windows).
     """
 
     name = "gemfilter"
@@ -44,24 +52,32 @@ class GemFilter(PrefillPolicy):
     layer: float = 0.4
     top_k: int = 1024
     rows: int = 1
+    span: int = 0
+    positions: str = "true"
 
     def check(self) -> None:
         if self.top_k < 1:
             raise TokensiftError(f"gemfilter: top_k={self.top_k} prunes every prompt token; keep at least 1")
         if self.rows < 1:
             raise TokensiftError(f"gemfilter: rows must be >= 1 (got {self.rows})")
+        if self.span < 0:
+            raise TokensiftError(f"gemfilter: span must be >= 0 (got {self.span})")
+        if self.positions not in ("true", "compact"):
+            raise TokensiftError(f"gemfilter: positions must be 'true' or 'compact' (got '{self.positions}')")
         if not self.layer > 0:
             raise TokensiftError(f"gemfilter: layer must be a fraction in (0, 1) or an index >= 1 (got {self.layer})")
 
     def run(self, model, cache, ids: torch.Tensor) -> torch.Tensor:
         sub.check_cache(cache)
+        from tokensift.prefill.full import FullPrefill
+
         total = ids.shape[1]
         source = filter_layer(model, sub.layer_index(self.layer, len(sub.decoder_layers(model)), self.name))
         if total <= self.top_k:
-            from tokensift.prefill.full import FullPrefill
-
             return FullPrefill().run(model, cache, ids)
         positions = self.select(model, ids, source)
+        if self.positions == "compact":
+            return FullPrefill().run(model, cache, ids.index_select(1, positions))
         subset = sub.Subset(positions, total)
         with sub.subset_prefill(cache, subset):
             out = model(input_ids=ids.index_select(1, positions), position_ids=positions[None],
@@ -80,7 +96,7 @@ class GemFilter(PrefillPolicy):
             except sub.StopForward:
                 pass
         protect = max(1, sub.sliding_window(model))
-        return sub.top_tokens(watch.scores[source], self.top_k, protect)
+        return sub.top_tokens(watch.scores[source], self.top_k, protect, self.span)
 
 
 def filter_layer(model, layer: int) -> int:

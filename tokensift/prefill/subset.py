@@ -117,14 +117,32 @@ def watching(watch: ScoreWatch):
         attention.PREFILL_WATCH[0] = None
 
 
-def top_tokens(scores: torch.Tensor, keep: int, protect: int) -> torch.Tensor:
-    """Sorted indices of the ``keep`` best of ``scores`` (1D), the last ``protect`` always among them."""
+def top_tokens(scores: torch.Tensor, keep: int, protect: int, span: int = 0) -> torch.Tensor:
+    """Sorted indices of the ``keep`` best of ``scores`` (1D), the last ``protect`` always among them;
+    with ``span`` > 0 each chosen token brings up to ``span`` neighbours on either side (nearest first)."""
     keep = max(keep, min(protect, scores.numel()))
     if keep >= scores.numel():
         return torch.arange(scores.numel(), device=scores.device)
+    if span:
+        return top_spans(scores, keep, protect, span)
     scores = scores.clone()
     scores[-protect:] = float("inf")
     return scores.topk(keep).indices.sort().values
+
+
+def top_spans(scores: torch.Tensor, keep: int, protect: int, span: int) -> torch.Tensor:
+    """``keep`` indices: the last ``protect``, then window by window around the best other scores:
+    each centre, then its neighbours at distance 1, 2, .. ``span`` (none counted twice)."""
+    total = scores.numel()
+    kept = set(range(total - protect, total))
+    steps = [0] + [sign * d for d in range(1, span + 1) for sign in (1, -1)]
+    for centre in scores[:total - protect].argsort(descending=True).tolist():
+        if len(kept) >= keep:
+            break
+        for index in (centre + step for step in steps):
+            if 0 <= index < total and len(kept) < keep:
+                kept.add(index)
+    return torch.tensor(sorted(kept), device=scores.device)
 
 
 # ------------------------------------------------------------- carrying a subset
