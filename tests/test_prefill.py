@@ -25,6 +25,8 @@ PRUNING = {
     "lazyllm": dict(layers=(1, 2), keep=(0.5, 0.25)),
     "gemfilter": dict(layer=1, top_k=30),
 }
+COMPOSING = {**{name: (name, params) for name, params in PRUNING.items()},
+             "gemfilter-compact": ("gemfilter", dict(layer=1, top_k=30, span=2, positions="compact"))}
 
 
 @pytest.fixture(autouse=True)
@@ -172,10 +174,11 @@ def every_policy():
             yield build_policy(name, budget=24, n_sink=2, window=4, k=8)
 
 
-@pytest.mark.parametrize("name", PRUNING)
-def test_composes_with_every_kv_policy(name):
+@pytest.mark.parametrize("label", COMPOSING)
+def test_composes_with_every_kv_policy(label):
+    name, params = COMPOSING[label]
     model, prompt = tiny_llama(), random_ids(70, seed=6)[0].tolist()
-    prefill = build_prefill(name, **PRUNING[name])
+    prefill = build_prefill(name, **params)
     for policy in every_policy():
         if policy.name == "tiered":
             with pytest.raises(TokensiftError, match="does not compose"):
@@ -187,12 +190,13 @@ def test_composes_with_every_kv_policy(name):
         assert result.kv_tokens < 73, policy.name  # nothing pruned came back
 
 
-@pytest.mark.parametrize("name", PRUNING)
-def test_speculation_is_lossless_over_a_pruned_prefill(name):
+@pytest.mark.parametrize("label", COMPOSING)
+def test_speculation_is_lossless_over_a_pruned_prefill(label):
     """Speculative greedy output equals plain greedy decoding of the same pruned cache (a KV policy
     that evicts nothing more: eviction times differ between the two loops)."""
+    name, params = COMPOSING[label]
     model, ids = tiny_llama(), random_ids(70, seed=7)[0].tolist()
-    prefill = build_prefill(name, **PRUNING[name])
+    prefill = build_prefill(name, **params)
     policy = build_policy("snapkv", budget=400, n_sink=2, window=4)
     spec = Speculator(model, "auto", cost=CostModel.synthetic(0.02)).generate(
         TinyTokenizer(), ids, policy=policy, max_new_tokens=20, prefill=prefill, stop_at_eos=False)
