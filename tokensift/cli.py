@@ -137,6 +137,10 @@ def generate(
         True, "--spec-warm/--no-spec-warm", help="With --speculate: start from the drafter state learned once from shipped "
         "text (kept in the cache folder, built on first use)."
     ),
+    exact_int8_head: bool = typer.Option(
+        False, "--exact-int8-head", help="Greedy tokens from an int8 copy of the output layer, exactly the fp32 argmax "
+        "(fp32 CPU models; with sampling or --repetition-penalty the fp32 layer is used, same output)."
+    ),
 ) -> None:
     """Generate text with a KV policy and report what the cache held."""
     from tokensift.generate import generate as run_generate
@@ -169,12 +173,13 @@ def generate(
         run_speculative(model_obj, tokenizer, text, speculate, tree_nodes, spec_state, chosen, as_json, stream,
                         spec_warm=spec_warm, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         repetition_penalty=repetition_penalty, stop_strings=stop or (), seed=seed,
-                        prefill_chunk=prefill_chunk, finish=finish, prefill=prefill_policy)
+                        prefill_chunk=prefill_chunk, finish=finish, prefill=prefill_policy, exact_int8_head=exact_int8_head)
         return
     result = run_generate(
         model_obj, tokenizer, text, policy=chosen, question=question, max_new_tokens=max_new_tokens,
         temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
         stop_strings=stop or (), seed=seed, prefill_chunk=prefill_chunk, on_token=stream, prefill=prefill_policy,
+        exact_int8_head=exact_int8_head,
     )
     if as_json:
         print(json.dumps(result.as_dict()))
@@ -188,12 +193,12 @@ def generate(
 
 
 def run_speculative(model_obj, tokenizer, text, speculate, tree_nodes, spec_state, policy, as_json, stream,
-                    finish=None, spec_warm=True, **options):
+                    finish=None, spec_warm=True, exact_int8_head=False, **options):
     """``generate --speculate``: lossless speculative decoding under any cache policy."""
     from tokensift.speculative import Speculator
     from tokensift.speculative.warm import load_state, save_state, warm_start
 
-    speculator = Speculator(model_obj, speculate, fixed_nodes=tree_nodes)
+    speculator = Speculator(model_obj, speculate, fixed_nodes=tree_nodes, exact_int8_head=exact_int8_head)
     sequences = []
     if spec_state is not None and spec_state.exists():
         sequences = load_state(speculator, spec_state)

@@ -14,6 +14,8 @@ from tokensift.cache import SelectingCache
 from tokensift.devices import clock, model_device
 from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
+from tokensift.exact_head import applies as exact_head_applies
+from tokensift.exact_head import exact_greedy_head
 from tokensift.policies import Policy, build_policy
 from tokensift.prefill import PrefillPolicy, build_prefill
 
@@ -69,25 +71,29 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device=None) -> tu
 
 
 class Decoder:
-    """Runs forwards over a cache, tracking the 2D attention mask and true positions."""
+    """Runs forwards over a cache, tracking the 2D attention mask and true positions.
+    ``exact_head``: the output layer gives :mod:`tokensift.exact_head` rows (the exact greedy
+    argmax from int8 weights; not full logits: greedy decoding only)."""
 
-    def __init__(self, model, cache):
+    def __init__(self, model, cache, exact_head: bool = False):
         self.model = model
         self.cache = cache
         self.mask = None  # [batch, seen] long
+        self.exact_head = exact_head
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Feed ``ids`` (``[batch, n]``, with its padding ``mask``); return last-position logits."""
         self.mask = mask if self.mask is None else torch.cat([self.mask, mask], dim=1)
         positions = (self.mask.cumsum(dim=1) - 1).clamp(min=0)[:, -ids.shape[1]:]
-        out = self.model(
-            input_ids=ids,
-            attention_mask=self.mask,
-            position_ids=positions,
-            past_key_values=self.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        with exact_greedy_head(self.model, self.exact_head):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self.mask,
+                position_ids=positions,
+                past_key_values=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1].float()
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor, chunk: int | None) -> torch.Tensor:
@@ -232,6 +238,7 @@ def generate(
     on_token: Callable[[int], None] | None = None,
     cache: SelectingCache | None = None,
     prefill: PrefillPolicy | str | None = None,
+    exact_int8_head: bool = False,
 ) -> GenerationResult:
     """Generate from ``prompt`` (a string, ids, or a list of either for a batch) under ``policy``.
 
@@ -244,6 +251,9 @@ def generate(
     ``streamer``: a transformers ``TextStreamer``/``TextIteratorStreamer`` (batch of one).
     ``prefill``: a prefill policy (``tokensift.prefill``; default ``full``) deciding which prompt
     tokens each layer computes (batch of one, no ``prefill_chunk`` unless ``full``).
+    ``exact_int8_head``: greedy tokens from an int8 copy of the output layer, exactly the fp32
+    argmax (:mod:`tokensift.exact_head`); with sampling or a repetition penalty, or where int8
+    kernels are unavailable, the full fp32 layer is used as without it (same output).
     """
     policy = resolve_policy(policy)
     prefill = build_prefill(prefill)
@@ -267,7 +277,8 @@ def generate(
     prompt_len = max(len(c) for c in contexts) + (max(len(q) for q in questions) if questions else 0)
     check_length(model, prompt_len, sampling.max_new_tokens)
     cache = cache or make_cache(model, policy)
-    decoder = Decoder(model, cache)
+    exact = exact_int8_head and exact_head_applies(sampling.temperature, sampling.repetition_penalty)
+    decoder = Decoder(model, cache, exact_head=exact)
     device = model_device(model)
     generator = torch.Generator(device=device).manual_seed(seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

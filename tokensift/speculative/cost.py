@@ -132,9 +132,11 @@ def measure_cost(model, context: int = 512, sizes=SIZES, head_rows=HEAD_ROWS, re
     generator = torch.Generator().manual_seed(0)
     host = generator.device  # drawn on the host (the same ids on every device), then moved
     ids = torch.randint(10, config.vocab_size, (1, context + max(sizes)), generator=generator, device=host).to(device)
-    model.model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
+    out = model.model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
     head_layer = model.get_output_embeddings()
-    hidden = torch.randn(1, max(head_rows), config.hidden_size, device=host).to(device, head_layer.weight.dtype)
+    # the model's own hidden states (an exact int8 head's cost depends on them: tokensift.exact_head)
+    last = out.last_hidden_state[0, -max(head_rows):].to(head_layer.weight.dtype)
+    hidden = last[torch.arange(max(head_rows), device=device) % last.shape[0]][None]  # repeated if the context is short
     jobs = {}
     for q in sizes:
         tree = DraftTree.chain(int(ids[0, context]), ids[0, context + 1:context + q].tolist())

@@ -22,6 +22,9 @@ from tokensift.cache import SelectingCache, SelectingLayer
 from tokensift.devices import clock, model_device
 from tokensift.engine import make_cache
 from tokensift.errors import TokensiftError
+from tokensift.exact_head import applies as exact_head_applies
+from tokensift.exact_head import available as exact_head_available
+from tokensift.exact_head import exact_greedy_head
 from tokensift.generate import (
     Sampling, choose_next, encode, hits_stop_string, model_context_length, penalize_repeats, resolve_policy,
     sampling_from_config, seen_tokens, stream_prompt,
@@ -104,11 +107,15 @@ class Speculator:
         Acceptance history to start from (None: a fresh one with its default prior).
     packed : bool, default True
         Run the linear layers on prepacked weights while generating, where available.
+    exact_int8_head : bool, default False
+        Greedy verification takes each visited node's argmax from an int8 copy of the output
+        layer, exactly the fp32 argmax (:mod:`tokensift.exact_head`), row by row; sampling, a
+        repetition penalty or a layer without int8 kernels use the fp32 layer as without it.
     """
 
     def __init__(self, model, drafter: str | list[Drafter] = "auto", *, cost: CostModel | None = None,
                  fixed_nodes: int | None = None, max_nodes: int = 63, stats: AcceptanceStats | None = None,
-                 packed: bool = True):
+                 packed: bool = True, exact_int8_head: bool = False):
         config = model.config.get_text_config(decoder=True)
         layer_types = getattr(config, "layer_types", None) or []
         if any(kind != "full_attention" for kind in layer_types):
@@ -121,6 +128,7 @@ class Speculator:
         if self.max_nodes < 0:
             raise TokensiftError("the number of tree nodes must be >= 0")
         self.cost = cost
+        self.cost_kernels = None  # the kernels self.cost was measured with (None: given, or not yet)
         self.stats = stats or AcceptanceStats()
         self.calibration = PromptCalibration()
         self.predicted = 0.0  # estimated accepted drafts of the tree being verified
@@ -128,7 +136,13 @@ class Speculator:
         self.softcap = getattr(config, "final_logit_softcapping", None)
         self.logit_scale = getattr(config, "logit_scale", None)
         self.packed = packed
+        self.exact_int8_head = exact_int8_head
+        self.kernels = "stock"  # the body's linears while generating: stock | packed
         self.lazy_head = True  # the output layer row by row on visited nodes (stock kernels); see generate
+
+    def exact_applies(self, temperature: float, penalty: float = 1.0) -> bool:
+        """Whether the exact int8 head picks the tokens (asked for, greedy, no penalty, available)."""
+        return self.exact_int8_head and exact_head_applies(temperature, penalty) and exact_head_available(self.head)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer on some rows (with the model's logit scale / softcap, if any)."""
@@ -173,6 +187,13 @@ class Speculator:
 
         ``history`` (``[1, vocab]`` bool, the tokens so far; with ``penalty`` != 1): each node's logits get
         the repetition penalty of exactly its prefix; every token chosen is marked in it."""
+        exact = self.exact_applies(temperature, penalty if history is not None else 1.0)
+        with exact_greedy_head(self.model, exact):  # the output layer gives exact-argmax rows
+            return self._verify(tree, cache, temperature, top_p, generator, top_k, history, penalty, exact)
+
+    def _verify(self, tree: DraftTree, cache: SelectingCache, temperature: float, top_p: float,
+                generator: torch.Generator, top_k: int, history: torch.Tensor | None,
+                penalty: float, exact: bool = False) -> tuple[list[int], int]:
         q = len(tree)
         seen = cache.get_seq_length()
         device = model_device(self.model)
@@ -183,9 +204,19 @@ class Speculator:
                                past_key_values=cache, use_cache=True)
         hidden = out.last_hidden_state
         every_row = None if self.lazy_head else self.logits(hidden)[0].float()
+        rows, ahead = {}, 1 + round(self.predicted)  # the exact head: rows along the likely path, one call per batch
         node, path = 0, [0]
         while True:
-            logits = self.logits(hidden[:, node:node + 1])[:, 0].float() if every_row is None else every_row[node:node + 1]
+            if every_row is not None:
+                logits = every_row[node:node + 1]
+            elif exact:
+                if node not in rows:
+                    chain = tree.likely_chain(node, ahead)  # the int8 weight read once for them all
+                    rows.update(zip(chain, self.logits(hidden[:, chain])[0].float()))
+                    ahead *= 2
+                logits = rows[node][None]
+            else:
+                logits = self.logits(hidden[:, node:node + 1])[:, 0].float()
             for drafter in self.drafters:
                 drafter.observe(tree.tokens[node], logits[0])
             if history is not None:
@@ -214,6 +245,7 @@ class Speculator:
         asked for and available; with them the output layer runs once over all tree rows (as
         cheap as one row), without them row by row on the visited nodes."""
         with packed_linears(self.model, self.packed) as packed:
+            self.kernels = "packed" if packed else "stock"
             self.lazy_head = not packed
             return self._generate(tokenizer, prompt, **options)
 
@@ -241,8 +273,12 @@ class Speculator:
                 raise TokensiftError(f"prompt of {len(ids)} tokens + {max_new_tokens} new tokens exceeds the model's context of {limit} tokens")
             raise TokensiftError(f"a draft tree of {self.max_nodes} nodes does not fit the model's context of {limit} tokens "
                                  f"after {len(ids)} prompt + {max_new_tokens} new tokens")
-        if self.cost is None and self.fixed_nodes is None:  # measured once per machine, with the kernels in use
-            self.cost = cost_for(self.model, kernels="stock" if self.lazy_head else "packed")
+        exact = self.exact_applies(sampling.temperature, sampling.repetition_penalty)
+        self.lazy_head = self.lazy_head or exact  # the exact head runs row by row on the visited nodes
+        kernels = self.kernels + ("-int8head" if exact else "")
+        if self.fixed_nodes is None and (self.cost is None or self.cost_kernels not in (None, kernels)):
+            with exact_greedy_head(self.model, exact):  # measured once per machine, with the kernels in use
+                self.cost, self.cost_kernels = cost_for(self.model, kernels=kernels), kernels
         cache = cache or make_cache(self.model, policy)
         if not isinstance(cache, SelectingCache) or not all(isinstance(layer, SelectingLayer) for layer in cache.layers):
             raise TokensiftError("speculative decoding needs a tokensift SelectingCache over full-attention layers")
@@ -346,5 +382,5 @@ def cut_at_stop(tokenizer, output: list[int], new: list[int], eos: set[int], sto
 
 def speculative_generate(model, tokenizer, prompt, *, speculate: str = "auto", **kwargs) -> SpecResult:
     """One-shot convenience: a fresh ``Speculator`` (no state carried across calls)."""
-    options = {k: kwargs.pop(k) for k in ("cost", "fixed_nodes", "max_nodes", "packed") if k in kwargs}
+    options = {k: kwargs.pop(k) for k in ("cost", "fixed_nodes", "max_nodes", "packed", "exact_int8_head") if k in kwargs}
     return Speculator(model, speculate, **options).generate(tokenizer, prompt, **kwargs)

@@ -65,6 +65,7 @@ class CandidateTree:
         keep = sorted(set(chosen), key=lambda i: (self.nodes[i].depth, i))
         index = {0: 0}
         tree = DraftTree([self.nodes[0].token], [-1], [0], [[]])
+        tree.probs = [1.0]
         for old in keep:
             node = self.nodes[old]
             if node.parent not in index:
@@ -74,6 +75,7 @@ class CandidateTree:
             tree.parents.append(index[node.parent])
             tree.depths.append(node.depth)
             tree.sources.append(list(node.sources))
+            tree.probs.append(node.prob)
         return tree
 
 
@@ -82,6 +84,7 @@ class DraftTree:
 
     def __init__(self, tokens, parents, depths, sources):
         self.tokens, self.parents, self.depths, self.sources = tokens, parents, depths, sources
+        self.probs = None  # estimated P(accepted) per node, when the drafts came with one
         self._children = None
 
     def __len__(self) -> int:
@@ -99,6 +102,15 @@ class DraftTree:
                 if parent >= 0:
                     self._children[parent].setdefault(self.tokens[index], index)
         return self._children[node]
+
+    def likely_chain(self, node: int, limit: int) -> list[int]:
+        """``node`` and up to ``limit - 1`` descendants, each the likeliest child of the one
+        before (the first child without probabilities): the path the walk most likely takes."""
+        chain = [node]
+        while len(chain) < limit and self.children(chain[-1]):
+            children = list(self.children(chain[-1]).values())
+            chain.append(children[0] if self.probs is None else max(children, key=lambda i: (self.probs[i], -i)))
+        return chain
 
     def ancestors(self) -> torch.Tensor:
         """``[q, q]`` bool: row i sees column j when j is i or an ancestor of i."""
