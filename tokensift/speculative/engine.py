@@ -109,7 +109,8 @@ class Speculator:
         Run the linear layers on prepacked weights while generating, where available.
     exact_int8_head : bool, default False
         Greedy verification takes each visited node's argmax from an int8 copy of the output
-        layer, exactly the fp32 argmax (:mod:`tokensift.exact_head`), row by row; sampling, a
+        layer, exactly the fp32 argmax (:mod:`tokensift.exact_head`), on the visited nodes (the
+        likeliest path's rows in one int8 call); sampling, a
         repetition penalty or a layer without int8 kernels use the fp32 layer as without it.
     """
 
@@ -274,7 +275,7 @@ class Speculator:
             raise TokensiftError(f"a draft tree of {self.max_nodes} nodes does not fit the model's context of {limit} tokens "
                                  f"after {len(ids)} prompt + {max_new_tokens} new tokens")
         exact = self.exact_applies(sampling.temperature, sampling.repetition_penalty)
-        self.lazy_head = self.lazy_head or exact  # the exact head runs row by row on the visited nodes
+        self.lazy_head = self.lazy_head or exact  # the exact head runs on the visited nodes only
         kernels = self.kernels + ("-int8head" if exact else "")
         if self.fixed_nodes is None and (self.cost is None or self.cost_kernels not in (None, kernels)):
             with exact_greedy_head(self.model, exact):  # measured once per machine, with the kernels in use
