@@ -28,7 +28,9 @@ class GemFilter(PrefillPolicy):
     full-attention layer up to ``layer`` (a sliding layer only attends inside its window). The
     filter pass stops right after the filter layer's attention scores; a prompt of at most
     ``top_k`` tokens is prefilled as is. Pruned tokens are gone for the whole generation (as if
-    evicted at every layer). Batch of one.
+    evicted at every layer). Batch of one. Measured here (README, TTFT): the paper's defaults lose
+    a needle on Gemma 3 270M and SmolLM2; ``positions=compact, rows=16, span=8, top_k=2048`` kept
+    it on Gemma 3 at 8k (2.3x faster) and 16k (3.2x) with the question in the prompt.
 
     Parameters
     ----------
