@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 
 import torch
+
+from tokensift.bench.timing import geomean, load_1min
 
 torch.set_num_threads(1)
 
@@ -44,10 +44,6 @@ def run_arm(arm: str, model, tokenizer, text: str, new_tokens: int) -> dict:
     return {"token_ids": result.token_ids, "tokens_per_second": result.tokens_per_second,
             "decode_seconds": result.decode_seconds, "new_tokens": result.new_tokens, "steps": result.steps,
             "accepted_per_step": result.accepted_per_step, "mean_tree_nodes": result.mean_tree_nodes}
-
-
-def geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
 def main() -> None:
@@ -77,7 +73,7 @@ def main() -> None:
                 shift = (prompt_index + round_index) % len(ARMS)
                 for arm in ARMS[shift:] + ARMS[:shift]:
                     before = (head.rows, head.full_rows, head.candidate_rows)
-                    load = os.getloadavg()[0]
+                    load = load_1min(digits=None)
                     record = run_arm(arm, model, tokenizer, prompt["text"], args.new_tokens)
                     if arm == "plain" and reference is None:
                         reference = record["token_ids"]

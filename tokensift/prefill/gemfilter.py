@@ -9,6 +9,7 @@ import torch
 from tokensift.errors import TokensiftError
 from tokensift.prefill import subset as sub
 from tokensift.prefill.base import PrefillPolicy, register
+from tokensift.prefill.full import FullPrefill
 
 
 @register
@@ -71,8 +72,6 @@ class GemFilter(PrefillPolicy):
 
     def run(self, model, cache, ids: torch.Tensor) -> torch.Tensor:
         sub.check_cache(cache)
-        from tokensift.prefill.full import FullPrefill
-
         total = ids.shape[1]
         source = filter_layer(model, sub.layer_index(self.layer, len(sub.decoder_layers(model)), self.name))
         if total <= self.top_k:
