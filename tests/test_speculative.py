@@ -171,6 +171,36 @@ def test_recycling_state_round_trip(tmp_path):
     assert len(template()) <= 81  # the paper's template has 80 nodes
 
 
+def test_recycling_observe_rows_sets_each_tokens_top_k():
+    drafter = Recycling(50, k=3)
+    logits = torch.randn(3, 50)
+    drafter.observe_rows([7, 9, 7], logits)
+    assert drafter.adjacency[9].tolist() == torch.topk(logits[1], 3).indices.tolist()
+    assert drafter.adjacency[7].tolist() == torch.topk(logits[2], 3).indices.tolist()  # the last row wins
+    assert (drafter.adjacency[8] == -1).all()
+
+
+def test_rejected_tree_rows_reach_the_drafters():
+    """With the output layer run over every tree row (packed kernels), the drafters also see the
+    rows of nodes the walk rejected (Token Recycling refreshes every node); output unchanged."""
+    model, tokenizer = tiny_llama(), TinyTokenizer()
+
+    class Recording(Recycling):
+        def observe_rows(self, tokens, logits):
+            assert logits.shape == (len(tokens), self.vocab_size)
+            self.rejected = getattr(self, "rejected", []) + list(tokens)
+            super().observe_rows(tokens, logits)
+
+    drafter = Recording(model.config.vocab_size)
+    ids = random_ids(30, seed=5)[0].tolist()
+    speculator = Speculator(model, [drafter], fixed_nodes=12)
+    result = speculator.generate(tokenizer, ids, max_new_tokens=20)
+    if speculator.kernels != "packed":
+        pytest.skip("no packed kernels here: the output layer runs row by row on visited nodes only")
+    assert result.token_ids == generate(model, tokenizer, ids, max_new_tokens=20).token_ids[0]
+    assert drafter.rejected and set(drafter.rejected) <= set(range(model.config.vocab_size))
+
+
 def test_adaptive_size_drafts_nothing_when_unlikely():
     cost = CostModel.synthetic(0.1)
     assert choose_size([0.05] * 30, cost, 63)[0] == 0

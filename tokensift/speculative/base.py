@@ -24,6 +24,12 @@ class Drafter:
     def observe(self, token: int, logits: torch.Tensor) -> None:
         """The model's logits after ``token`` at some verified node."""
 
+    def observe_rows(self, tokens: list[int], logits: torch.Tensor) -> None:
+        """The model's logits (``[len(tokens), vocab]``) after each of ``tokens``: rows the verifier
+        computed anyway at nodes the walk did not visit (rejected branches)."""
+        for token, row in zip(tokens, logits):
+            self.observe(token, row)
+
     def extend(self, context: list[int], added: int) -> None:
         """``added`` tokens were appended to ``context``."""
 

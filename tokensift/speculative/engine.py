@@ -234,10 +234,28 @@ class Speculator:
                 break
             path.append(child)
             node = child
+        if every_row is not None:
+            self._observe_rejected(tree, path, every_row)
         cache.keep_new_tokens(q, torch.tensor(path, dtype=torch.long, device=device))
         cache.set_defer_eviction(False)
         cache.enforce_budget()
         return path, token
+
+    def _observe_rejected(self, tree: DraftTree, path: list[int], every_row: torch.Tensor) -> None:
+        """Show the drafters the rows of the nodes the walk did not visit (computed anyway when the
+        output layer ran over every row): Token Recycling refreshes every tree node's successors."""
+        visited = {tree.tokens[i] for i in path}  # a token seen on the accepted path keeps that row
+        others = [i for i in range(len(tree)) if tree.tokens[i] not in visited]
+        if not others:
+            return
+        tokens = [tree.tokens[i] for i in others]
+        rows = every_row[torch.tensor(others, device=every_row.device)]
+        for drafter in self.drafters:
+            if hasattr(drafter, "observe_rows"):
+                drafter.observe_rows(tokens, rows)
+            else:  # a duck-typed drafter with only ``observe``
+                for token, row in zip(tokens, rows):
+                    drafter.observe(token, row)
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()

@@ -79,6 +79,10 @@ class Recycling(Drafter):
         top = torch.topk(logits, self.k).indices
         self.adjacency[token] = top.cpu().numpy().astype(np.int32)
 
+    def observe_rows(self, tokens, logits):
+        top = torch.topk(logits, self.k, dim=-1).indices.cpu().numpy().astype(np.int32)
+        self.adjacency[np.asarray(tokens, dtype=np.int64)] = top  # a repeated token keeps its last row
+
     def save(self, path: Path) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -24,13 +24,17 @@ import numpy as np
 
 from tokensift.errors import TokensiftError
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: 30 prompts (22 more passages), built with every tree row observed
 MAX_SEQUENCE_TOKENS = 60_000  # lookahead sequences kept in a state file (the most recent)
 # Essays (among those longer than 3,300 characters, as the suite counts them) and HumanEval
 # problems used to build the warm start: disjoint from the suite (4 prompts per category) and
 # from the held-out split (tokensift/bench/spec_heldout.json); tests check it.
 TRAIN_ESSAYS = (37, 36, 34, 33, 31, 30)
 TRAIN_HUMANEVAL = (7, 150)
+# Further essays: a summary of a passage near the start and a question on one past the middle.
+TRAIN_MORE_ESSAYS = (15, 16, 17, 19, 20, 22, 23, 24, 26, 27, 29)
+TRAIN_QUESTIONS = ("What is the main point of this passage?", "Why does the author think so?",
+                   "What example does the author give?")
 TRAIN_TOKENS = 96
 
 
@@ -73,9 +77,9 @@ def training_prompts(tokenizer) -> list[str]:
         messages = [{"role": role, "content": content} for role, content in turns]
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
-    def passage(index, chars=1000):
+    def passage(index, chars=1000, where=0.5):
         text = essays[index]
-        start = text.find(". ", len(text) // 2) + 2
+        start = text.find(". ", int(len(text) * where)) + 2
         return text[start:text.rfind(" ", start, start + chars)].strip()
 
     problems = humaneval_problems()
@@ -89,6 +93,9 @@ def training_prompts(tokenizer) -> list[str]:
             chat(("user", f"Explain this in simple words: {_sentences(passage(f), 2)}"),
                  ("assistant", "Sure. The author means that small choices add up over time."),
                  ("user", "Can you give me an example from everyday life?"))]
+    for n, index in enumerate(TRAIN_MORE_ESSAYS):
+        out += [chat(("user", f"Summarize this passage in a few sentences.\n\n{passage(index, where=0.1)}")),
+                chat(("user", f"{passage(index, where=0.6)}\n\nQuestion: {TRAIN_QUESTIONS[n % 3]} Answer from the text."))]
     return out
 
 
