@@ -29,6 +29,8 @@ def run_cli(monkeypatch, capsys, *args):
         (["--policy", "snapkv", "--budget", "100", "--set", "oops"], "key=value"),
         (["--policy", "snapkv", "--budget", "100", "--set", "nothing=1"], "has no parameter 'nothing'"),
         (["--policy", "snapkv", "--budget", "100", "--set", "kernel=big"], "must be int"),
+        (["--weights", "int4"], "unknown --weights 'int4'"),
+        (["--weights", "int8", "--exact-int8-head"], "already quantizes it"),
     ],
 )
 def test_generate_errors_are_one_line(monkeypatch, capsys, args, fragment):

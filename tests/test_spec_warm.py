@@ -204,4 +204,20 @@ def test_spec_fresh_report_splits_and_ratios(tmp_path):
     suite, heldout = text.split("## Held-out split")
     assert "| qa | 2 | 10.00 | 16.00 | 11.00 | 1.50 | 1.50 | 1.60x | 1.10x | 1.45x |" in suite
     assert "| qa | 2 | 10.00 | 12.00 | 11.00 | 1.50 | 1.50 | 1.20x | 1.10x | 1.09x |" in heldout
-    assert "Greedy outputs identical to plain: 7/8 runs." in text and "ran at the same time" in text
+    assert "Greedy outputs identical to plain decoding of the same model: 7/8 runs." in text and "ran at the same time" in text
+
+
+def test_spec_fresh_int8_arms_reproduce_the_int8_plain_arm(tmp_path):
+    """The W8A8 arms are another model: auto_int8 is checked against plain_int8, not fp32 plain."""
+    from tokensift.bench.spec_fresh import write_report
+
+    def row(i, arm, rate, ids):
+        return {"split": "suite", "category": "qa", "prompt": f"qa-{i}", "arm": arm, "repeat": 0, "tokens_per_second": rate,
+                "accepted_per_step": None if arm.startswith("plain") else 1.5, "token_ids": ids, "concurrent": True}
+
+    records = [r for i in range(2) for r in (row(i, "plain", 10.0, [1, 2]), row(i, "plain_int8", 20.0, [1, 5]),
+                                              row(i, "auto_int8", 30.0, [1, 5]))]
+    write_report(tmp_path, records, (0, 0, 0), (0, 0, 0), 128, 1)
+    text = (tmp_path / "report.md").read_text()
+    assert "identical to plain decoding of the same model: 2/2 runs (the `_int8` arms against `plain_int8`" in text
+    assert "| auto_int8 vs plain_int8 |" in text and "| 2.00x | 3.00x | 1.50x |" in text

@@ -141,6 +141,11 @@ def generate(
         False, "--exact-int8-head", help="Greedy tokens from an int8 copy of the output layer, exactly the fp32 argmax "
         "(fp32 CPU models; with sampling or --repetition-penalty the fp32 layer is used, same output)."
     ),
+    weights: str = typer.Option(
+        "model", "--weights", help="model: the linear layers as loaded; int8: W8A8 linears (int8 weights and per-row "
+        "int8 activations, SmoothQuant-calibrated on shipped text): another, faster model; --speculate stays lossless "
+        "relative to it."
+    ),
 ) -> None:
     """Generate text with a KV policy and report what the cache held."""
     from tokensift.generate import generate as run_generate
@@ -164,8 +169,16 @@ def generate(
             raise TokensiftError(f"--tree-nodes must be >= 0 (got {tree_nodes})")
     elif tree_nodes is not None or spec_state is not None:
         raise TokensiftError("--tree-nodes and --spec-state need --speculate")
+    if weights not in ("model", "int8"):
+        raise TokensiftError(f"unknown --weights '{weights}'; use model or int8")
+    if weights == "int8" and exact_int8_head:
+        raise TokensiftError("--exact-int8-head needs the fp32 output layer; --weights int8 already quantizes it")
     text = read_prompt(prompt, prompt_file)
     model_obj, tokenizer = load_model(model, device=device, dtype=dtype)
+    if weights == "int8":
+        from tokensift.int8_linears import calibration_ids, quantize_linears
+
+        quantize_linears(model_obj, calibration_ids(tokenizer, model_obj.device))
     if chat:
         text = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
     stream, finish = (None, None) if as_json else text_printer(tokenizer)

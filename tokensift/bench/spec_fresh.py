@@ -10,7 +10,9 @@ an arm that finishes first leaves the others more CPU, which favours the slower 
 the other in an order that rotates from prompt to prompt (0): ``plain``,
 ``auto`` (default warm start from the cache folder) and ``auto_cold`` (``--no-spec-warm``: empty
 drafter state, as before the warm start); optional ``packed0`` (``--tree-nodes 0``: the speculative
-loop's packed kernels without drafts, what the kernels give alone). Speedups are ratios of the CLI's own decode tokens/s of
+loop's packed kernels without drafts, what the kernels give alone); optional ``plain_int8`` and
+``auto_int8`` (``--weights int8``: W8A8 linears, another model, so ``auto_int8`` must reproduce
+``plain_int8``, not ``plain``). Speedups are ratios of the CLI's own decode tokens/s of
 the same prompt in the same run, geometric means per category.
 
 Knobs: TOKENSIFT_SPEC_PROMPTS (suite prompts per category, 2), TOKENSIFT_SPEC_TOKENS (128),
@@ -36,7 +38,13 @@ from tokensift.bench.timing import geomean, load_1min, load_averages, mean
 
 HELDOUT_FILE = Path(__file__).with_name("spec_heldout.json")
 ARM_FLAGS = {"plain": [], "auto": ["--speculate", "auto"], "auto_cold": ["--speculate", "auto", "--no-spec-warm"],
-             "packed0": ["--speculate", "auto", "--tree-nodes", "0"]}
+             "packed0": ["--speculate", "auto", "--tree-nodes", "0"],
+             "plain_int8": ["--weights", "int8"], "auto_int8": ["--speculate", "auto", "--weights", "int8"]}
+
+
+def plain_arm(arm: str) -> str:
+    """The plain decoding an arm must reproduce: ``plain_int8`` for the W8A8 model's arms."""
+    return "plain_int8" if arm.endswith("_int8") else "plain"
 
 
 def heldout_prompts(tokenizer) -> list[dict]:
@@ -149,9 +157,9 @@ def write_report(out_dir: Path, records: list[dict], load_before, load_after, ne
                 out.append(r["tokens_per_second"] / base["tokens_per_second"])
         return out
 
-    reference = {(r["prompt"], r.get("repeat", 0)): r["token_ids"] for r in records if r["arm"] == "plain"}
-    compared = [r["token_ids"] == reference[(r["prompt"], r.get("repeat", 0))] for r in records
-                if r["arm"] != "plain" and (r["prompt"], r.get("repeat", 0)) in reference]
+    reference = {(r["prompt"], r["arm"], r.get("repeat", 0)): r["token_ids"] for r in records if r["arm"] == plain_arm(r["arm"])}
+    compared = [r["token_ids"] == reference[(r["prompt"], plain_arm(r["arm"]), r.get("repeat", 0))] for r in records
+                if r["arm"] != plain_arm(r["arm"]) and (r["prompt"], plain_arm(r["arm"]), r.get("repeat", 0)) in reference]
     lines = [f"# spec-fresh: `tokensift generate --speculate auto`, one fresh process per generation ({threads} thread(s) each)", "",
              f"{new_tokens} new tokens (or EOS); the arms of a prompt "
              f"{'ran at the same time' if all(r.get('concurrent') for r in records) else 'ran one after the other (order rotated)'}; "
@@ -159,8 +167,10 @@ def write_report(out_dir: Path, records: list[dict], load_before, load_after, ne
              f"{tuple(round(x, 2) for x in load_before)}, after {tuple(round(x, 2) for x in load_after)} on a 2-core machine "
              "shared with other jobs. Speedup = ratio of the CLI's decode tokens/s to plain decoding of the same prompt in the "
              "same run, geometric mean per category. `auto`: default warm start; `auto_cold`: `--no-spec-warm`.", "",
-             f"Greedy outputs identical to plain: {sum(compared)}/{len(compared)} runs.", ""]
+             f"Greedy outputs identical to plain decoding of the same model: {sum(compared)}/{len(compared)} runs"
+             f"{' (the `_int8` arms against `plain_int8`: `--weights int8` is another model)' if 'plain_int8' in arms else ''}.", ""]
     pairs = [(a, "plain") for a in arms if a != "plain"] + ([("auto", "auto_cold")] if {"auto", "auto_cold"} <= set(arms) else [])
+    pairs += [("auto_int8", "plain_int8")] if {"auto_int8", "plain_int8"} <= set(arms) else []
     for split in ("suite", "heldout"):
         sel_split = [r for r in records if r["split"] == split]
         if not sel_split:

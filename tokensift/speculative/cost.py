@@ -135,7 +135,7 @@ def measure_cost(model, context: int = 512, sizes=SIZES, head_rows=HEAD_ROWS, re
     out = model.model(input_ids=ids[:, :context], past_key_values=cache, use_cache=True)
     head_layer = model.get_output_embeddings()
     # the model's own hidden states (an exact int8 head's cost depends on them: tokensift.exact_head)
-    last = out.last_hidden_state[0, -max(head_rows):].to(head_layer.weight.dtype)
+    last = out.last_hidden_state[0, -max(head_rows):]
     hidden = last[torch.arange(max(head_rows), device=device) % last.shape[0]][None]  # repeated if the context is short
     jobs = {}
     for q in sizes:

@@ -29,6 +29,7 @@ from tokensift.generate import (
     Sampling, choose_next, encode, hits_stop_string, model_context_length, penalize_repeats, resolve_policy,
     sampling_from_config, seen_tokens, stream_prompt,
 )
+from tokensift.int8_linears import has_int8_linears
 from tokensift.kernels import packed_linears
 from tokensift.prefill import build_prefill
 from tokensift.speculative.adaptive import AcceptanceStats, PromptCalibration, choose_size
@@ -138,7 +139,7 @@ class Speculator:
         self.logit_scale = getattr(config, "logit_scale", None)
         self.packed = packed
         self.exact_int8_head = exact_int8_head
-        self.kernels = "stock"  # the body's linears while generating: stock | packed
+        self.kernels = "stock"  # the body's linears while generating: stock | packed | int8 (W8A8 layers)
         self.lazy_head = True  # the output layer row by row on visited nodes (stock kernels); see generate
 
     def exact_applies(self, temperature: float, penalty: float = 1.0) -> bool:
@@ -264,7 +265,7 @@ class Speculator:
         asked for and available; with them the output layer runs once over all tree rows (as
         cheap as one row), without them row by row on the visited nodes."""
         with packed_linears(self.model, self.packed) as packed:
-            self.kernels = "packed" if packed else "stock"
+            self.kernels = "int8" if has_int8_linears(self.model) else "packed" if packed else "stock"
             self.lazy_head = not packed
             return self._generate(tokenizer, prompt, **options)
 
@@ -308,7 +309,7 @@ class Speculator:
             eos_ids = () if tokenizer.eos_token_id is None else (tokenizer.eos_token_id,)
         eos = set(eos_ids) if stop_at_eos else set()
         penalty = sampling.repetition_penalty
-        seen = seen_tokens([ids], self.head.weight.shape[0], device) if penalty != 1.0 else None
+        seen = seen_tokens([ids], self.head.out_features, device) if penalty != 1.0 else None
         stream_prompt(streamer, ids)
 
         start = clock(device)

@@ -1,0 +1,155 @@
+"""W8A8 linear layers that keep speculation lossless: int8 weights, int8 activations with one
+scale per row, exact int32 products.
+
+``--weights int8`` replaces every linear layer of the model (the output layer included) by
+:class:`Int8Linear`: weights rounded to int8 with one scale per output channel, each input row
+rounded to int8 with its own scale (its largest magnitude / 127), the product accumulated in
+int32 by ``torch._int_mm`` and rescaled. Activation outliers (a few channels 20-50x larger than
+the rest in SmolLM2) are moved into the weights first, as in SmoothQuant (Xiao et al., 2022,
+"SmoothQuant: Accurate and Efficient Post-Training Quantization for Large Language Models"):
+input channel ``j`` is divided by ``s_j = max|X_j|^a / max|W_j|^(1-a)`` (``a`` = 0.5) and the
+weight's column ``j`` multiplied by it, with ``max|X_j|`` calibrated once on shipped text.
+
+This is another model than the fp32 one: its greedy text can differ. What it guarantees is
+that every output row depends on its own input row only (per-row scales, exact integer
+sums), so a verification tree of any size gives each node exactly what plain decoding of the
+same quantized model gives it: speculative decoding stays lossless relative to it.
+PyTorch's own dynamic int8 linears quantize a whole batch on one scale, so there a row's
+result depends on the other rows in the tree.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tokensift.errors import TokensiftError
+
+SMOOTHING = 0.5  # SmoothQuant's migration strength a
+CALIBRATION_TOKENS = 1024
+QMAX = 127
+
+
+def _row_scales(x: torch.Tensor) -> torch.Tensor:
+    return x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / QMAX
+
+
+class Int8Linear(torch.nn.Module):
+    """A linear layer as int8 weights (per output channel) times int8 rows (per-row scales).
+
+    Parameters
+    ----------
+    linear : torch.nn.Linear
+        The layer to quantize (its weights are read, not kept).
+    smooth : torch.Tensor or None
+        Per-input-channel factors ``s_j`` (SmoothQuant): inputs are divided by them and the
+        weight's columns multiplied by them before rounding (None: no smoothing).
+    """
+
+    def __init__(self, linear: torch.nn.Linear, smooth: torch.Tensor | None = None):
+        super().__init__()
+        weight = linear.weight.detach().float()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        if smooth is not None:
+            weight = weight * smooth[None, :]
+        scale = _row_scales(weight)  # [out, 1]
+        codes = (weight / scale).round().clamp(-QMAX, QMAX).to(torch.int8)
+        self.register_buffer("codes_t", codes.t().contiguous())  # [in, out]: _int_mm's right operand
+        self.register_buffer("scale", scale.t().contiguous())  # [1, out]
+        self.register_buffer("inverse_smooth", None if smooth is None else (1.0 / smooth).float())
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        rows = x.reshape(-1, shape[-1]).float()
+        if self.inverse_smooth is not None:
+            rows = rows * self.inverse_smooth
+        row_scale = _row_scales(rows)
+        codes = (rows / row_scale).round_().to(torch.int8)
+        out = self._int_mm(codes).float() * row_scale * self.scale
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def _int_mm(self, codes: torch.Tensor) -> torch.Tensor:
+        count = codes.shape[0]
+        if codes.device.type == "cuda" and count <= 16:  # cuBLASLt's int8 product needs more than 16 rows
+            codes = torch.cat([codes, codes.new_zeros(17 - count, codes.shape[1])])
+        return torch._int_mm(codes, self.codes_t)[:count]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(buffer.nbytes for buffer in self.buffers())
+
+
+def has_int8_linears(model) -> bool:
+    return any(isinstance(module, Int8Linear) for module in model.modules())
+
+
+def _linears(model, include_head: bool) -> dict[str, torch.nn.Linear]:
+    head = model.get_output_embeddings()
+    return {name: module for name, module in model.named_modules()
+            if type(module) is torch.nn.Linear and (include_head or module is not head)}
+
+
+@torch.inference_mode()
+def input_maxima(model, ids: torch.Tensor, linears: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
+    """``max |x_j|`` of every input channel of every layer in ``linears`` over one forward of ``ids``."""
+    maxima: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(_module, args):
+            seen = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+            maxima[name] = seen if name not in maxima else torch.maximum(maxima[name], seen)
+        return record
+
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears.items()]
+    try:
+        model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return maxima
+
+
+def calibration_ids(tokenizer, device) -> torch.Tensor:
+    """Shipped text (Paul Graham essays that the spec suite and its held-out split do not use)."""
+    from tokensift.data import essay_texts
+    from tokensift.speculative.warm import TRAIN_ESSAYS
+
+    essays = [e for e in essay_texts() if len(e) > 3300]
+    text = "\n\n".join(essays[i] for i in TRAIN_ESSAYS[:2])
+    ids = tokenizer(text)["input_ids"][:CALIBRATION_TOKENS]
+    return torch.tensor([ids], device=device)
+
+
+def smoothing_factors(maximum_x: torch.Tensor, weight: torch.Tensor, strength: float = SMOOTHING) -> torch.Tensor:
+    """SmoothQuant's ``s_j = max|X_j|^a / max|W_j|^(1-a)`` (1 where a channel never fired)."""
+    maximum_w = weight.detach().abs().amax(0).float().clamp(min=1e-5)
+    factors = maximum_x.clamp(min=1e-5).pow(strength) / maximum_w.pow(1 - strength)
+    return torch.where(maximum_x > 0, factors, torch.ones_like(factors)).clamp(min=1e-2, max=1e2)
+
+
+def int8_available(model) -> bool:
+    """Whether ``torch._int_mm`` runs on the model's device (CPU and CUDA builds have it)."""
+    device = next(model.parameters()).device
+    try:
+        torch._int_mm(torch.ones(17, 8, dtype=torch.int8, device=device), torch.ones(8, 8, dtype=torch.int8, device=device))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+def quantize_linears(model, calibration: torch.Tensor | None = None, *, include_head: bool = True) -> int:
+    """Replace ``model``'s linear layers by :class:`Int8Linear` in place, smoothed with the input
+    maxima of one forward over ``calibration`` (token ids ``[1, n]``; None: no smoothing);
+    returns how many layers were replaced."""
+    if not int8_available(model):
+        raise TokensiftError("int8 weights need torch._int_mm on this device (CPU or CUDA)")
+    linears = _linears(model, include_head)
+    maxima = input_maxima(model, calibration, linears) if calibration is not None else {}
+    for name, linear in linears.items():
+        factors = smoothing_factors(maxima[name], linear.weight) if name in maxima else None
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8Linear(linear, factors))
+    return len(linears)
