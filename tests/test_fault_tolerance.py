@@ -162,3 +162,28 @@ def test_bench_killed_mid_row_and_mid_job_resumes_to_the_same_rows(tmp_path, sav
     assert len(cells) == len(set(cells)) == 9  # none duplicated
     assert canonical(resumed / "results.jsonl") == expected  # the same results, byte for byte
     print(f"runs {runs + 1}, kills {kills}")
+
+
+def test_replica_shutdown_is_bounded_when_serve_hangs(capsys):
+    """Ctrl-C on `serve --replicas`: a serve.delete that never returns does not keep the process up."""
+    import threading
+
+    from tokensift.serve.replicas import APP_NAME, delete_app
+
+    released = threading.Event()
+
+    class StuckServe:
+        def delete(self, name):
+            assert name == APP_NAME
+            released.wait(30)
+
+    class Serve:
+        deleted = []
+
+        def delete(self, name):
+            self.deleted.append(name)
+
+    assert delete_app(Serve()) and Serve.deleted == [APP_NAME]
+    assert not delete_app(StuckServe(), timeout=0.2)
+    released.set()
+    assert "did not stop within" in capsys.readouterr().err

@@ -7,7 +7,7 @@ from conftest import TinyTokenizer, random_ids, tiny_llama, tiny_qwen2
 
 from tokensift.errors import TokensiftError
 from tokensift.generate import generate
-from tokensift.int8_linears import Int8Linear, input_maxima, quantize_linears, smoothing_factors
+from tokensift.int8_linears import Int8Linear, observe_inputs, quantize_linears, smoothing_factors
 from tokensift.speculative import CostModel, Speculator
 
 
@@ -74,12 +74,30 @@ def test_speculation_equals_plain_decoding_of_the_quantized_model(make):
     assert len(fp32) == 16  # the fp32 model generated before quantizing (its text may differ)
 
 
-def test_input_maxima_see_every_layer():
+def test_calibration_sees_every_layer_and_groups_shared_inputs():
     model = tiny_llama()
     linears = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
-    maxima = input_maxima(model, random_ids(16, seed=3), linears)
+    maxima, groups = observe_inputs(model, random_ids(16, seed=3), linears)
     assert set(maxima) == set(linears)
     assert all(value.shape == (linears[name].in_features,) and (value >= 0).all() for name, value in maxima.items())
+    assert sorted(name for group in groups for name in group) == sorted(linears)
+    assert ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.v_proj"] in groups
+    assert ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"] in groups
+
+
+def test_shared_quantizer_equals_separate_ones_and_lets_go_of_the_input():
+    """q/k/v share one row quantization; the result equals quantizing for each layer alone."""
+    from tokensift.int8_linears import RowQuantizer
+
+    torch.manual_seed(3)
+    layers = [torch.nn.Linear(64, n) for n in (64, 16, 16)]
+    x = outlier_rows(5, seed=3)
+    smooth = smoothing_factors(x.abs().amax(0), [m.weight for m in layers])
+    shared = RowQuantizer(smooth, users=3)
+    together = [Int8Linear(m, smooth, shared)(x) for m in layers]
+    alone = [Int8Linear(m, smooth)(x) for m in layers]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone))
+    assert shared._input is None  # released after its third reader
 
 
 def test_missing_int8_kernels_are_a_one_line_error(monkeypatch):

@@ -33,6 +33,29 @@ def _row_scales(x: torch.Tensor) -> torch.Tensor:
     return x.abs().amax(-1, keepdim=True).clamp(min=1e-8) / QMAX
 
 
+class RowQuantizer(torch.nn.Module):
+    """Per-row int8 codes of a layer input (divided by the smoothing factors first), computed
+    once for the ``users`` layers that read the same tensor (q/k/v, gate/up) and then dropped."""
+
+    def __init__(self, smooth: torch.Tensor | None, users: int = 1):
+        super().__init__()
+        self.register_buffer("inverse_smooth", None if smooth is None else (1.0 / smooth).float())
+        self.users = users
+        self._input, self._codes, self._uses = None, None, 0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x is not self._input:  # a new input (held while in use, so its identity cannot be reused)
+            rows = x.reshape(-1, x.shape[-1]).float()
+            if self.inverse_smooth is not None:
+                rows = rows * self.inverse_smooth
+            scale = _row_scales(rows)
+            self._input, self._codes, self._uses = x, ((rows / scale).round_().to(torch.int8), scale), 0
+        codes, self._uses = self._codes, self._uses + 1
+        if self._uses >= self.users:  # its last reader: do not keep activations alive
+            self._input = self._codes = None
+        return codes
+
+
 class Int8Linear(torch.nn.Module):
     """A linear layer as int8 weights (per output channel) times int8 rows (per-row scales).
 
@@ -41,11 +64,14 @@ class Int8Linear(torch.nn.Module):
     linear : torch.nn.Linear
         The layer to quantize (its weights are read, not kept).
     smooth : torch.Tensor or None
-        Per-input-channel factors ``s_j`` (SmoothQuant): inputs are divided by them and the
-        weight's columns multiplied by them before rounding (None: no smoothing).
+        Per-input-channel factors ``s_j`` (SmoothQuant): the weight's columns are multiplied by
+        them before rounding, and the inputs divided by them (None: no smoothing).
+    quantizer : RowQuantizer or None
+        Shared with the other layers that read the same input, with the same ``smooth``
+        (None: the layer's own).
     """
 
-    def __init__(self, linear: torch.nn.Linear, smooth: torch.Tensor | None = None):
+    def __init__(self, linear: torch.nn.Linear, smooth: torch.Tensor | None = None, quantizer: RowQuantizer | None = None):
         super().__init__()
         weight = linear.weight.detach().float()
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -55,20 +81,15 @@ class Int8Linear(torch.nn.Module):
         codes = (weight / scale).round().clamp(-QMAX, QMAX).to(torch.int8)
         self.register_buffer("codes_t", codes.t().contiguous())  # [in, out]: _int_mm's right operand
         self.register_buffer("scale", scale.t().contiguous())  # [1, out]
-        self.register_buffer("inverse_smooth", None if smooth is None else (1.0 / smooth).float())
+        self.quantizer = quantizer if quantizer is not None else RowQuantizer(smooth)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        rows = x.reshape(-1, shape[-1]).float()
-        if self.inverse_smooth is not None:
-            rows = rows * self.inverse_smooth
-        row_scale = _row_scales(rows)
-        codes = (rows / row_scale).round_().to(torch.int8)
+        codes, row_scale = self.quantizer(x)
         out = self._int_mm(codes).float() * row_scale * self.scale
         if self.bias is not None:
             out = out + self.bias.float()
-        return out.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def _int_mm(self, codes: torch.Tensor) -> torch.Tensor:
         count = codes.shape[0]
@@ -92,14 +113,21 @@ def _linears(model, include_head: bool) -> dict[str, torch.nn.Linear]:
 
 
 @torch.inference_mode()
-def input_maxima(model, ids: torch.Tensor, linears: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
-    """``max |x_j|`` of every input channel of every layer in ``linears`` over one forward of ``ids``."""
+def observe_inputs(model, ids: torch.Tensor, linears: dict[str, torch.nn.Linear]) -> tuple[dict, list[list[str]]]:
+    """One forward of ``ids``: ``max |x_j|`` of every input channel of every layer in ``linears``,
+    and the groups of layers that read the same input tensor (in the order first seen)."""
     maxima: dict[str, torch.Tensor] = {}
+    readers: dict[int, list[str]] = {}
+    inputs = []  # held until the end, so that no two inputs share an id
 
     def hook(name):
         def record(_module, args):
-            seen = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
+            x = args[0]
+            seen = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float()
             maxima[name] = seen if name not in maxima else torch.maximum(maxima[name], seen)
+            if not any(name in group for group in readers.values()):
+                inputs.append(x)
+                readers.setdefault(id(x), []).append(name)
         return record
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears.items()]
@@ -108,7 +136,7 @@ def input_maxima(model, ids: torch.Tensor, linears: dict[str, torch.nn.Linear]) 
     finally:
         for handle in handles:
             handle.remove()
-    return maxima
+    return maxima, list(readers.values())
 
 
 def calibration_ids(tokenizer, device) -> torch.Tensor:
@@ -122,9 +150,11 @@ def calibration_ids(tokenizer, device) -> torch.Tensor:
     return torch.tensor([ids], device=device)
 
 
-def smoothing_factors(maximum_x: torch.Tensor, weight: torch.Tensor, strength: float = SMOOTHING) -> torch.Tensor:
-    """SmoothQuant's ``s_j = max|X_j|^a / max|W_j|^(1-a)`` (1 where a channel never fired)."""
-    maximum_w = weight.detach().abs().amax(0).float().clamp(min=1e-5)
+def smoothing_factors(maximum_x: torch.Tensor, weights, strength: float = SMOOTHING) -> torch.Tensor:
+    """SmoothQuant's ``s_j = max|X_j|^a / max|W_j|^(1-a)``, ``max|W_j|`` over every weight in
+    ``weights`` (a tensor or the layers sharing the input); 1 where a channel never fired."""
+    weights = [weights] if isinstance(weights, torch.Tensor) else list(weights)
+    maximum_w = torch.stack([w.detach().abs().amax(0).float() for w in weights]).amax(0).clamp(min=1e-5)
     factors = maximum_x.clamp(min=1e-5).pow(strength) / maximum_w.pow(1 - strength)
     return torch.where(maximum_x > 0, factors, torch.ones_like(factors)).clamp(min=1e-2, max=1e2)
 
@@ -140,16 +170,27 @@ def int8_available(model) -> bool:
 
 
 def quantize_linears(model, calibration: torch.Tensor | None = None, *, include_head: bool = True) -> int:
-    """Replace ``model``'s linear layers by :class:`Int8Linear` in place, smoothed with the input
-    maxima of one forward over ``calibration`` (token ids ``[1, n]``; None: no smoothing);
-    returns how many layers were replaced."""
+    """Replace ``model``'s linear layers by :class:`Int8Linear` in place; returns how many.
+
+    One forward over ``calibration`` (token ids ``[1, n]``) finds which layers read the same
+    input (they share one :class:`RowQuantizer`) and the inputs' channel maxima for
+    SmoothQuant's factors; None: a 4-token forward for the groups only, no smoothing."""
     if not int8_available(model):
         raise TokensiftError("int8 weights need torch._int_mm on this device (CPU or CUDA)")
     linears = _linears(model, include_head)
-    maxima = input_maxima(model, calibration, linears) if calibration is not None else {}
-    for name, linear in linears.items():
-        factors = smoothing_factors(maxima[name], linear.weight) if name in maxima else None
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear(linear, factors))
+    device = next(model.parameters()).device
+    ids = calibration if calibration is not None else torch.tensor([[1, 2, 3, 4]], device=device)
+    maxima, groups = observe_inputs(model, ids, linears)
+    grouped = {name for group in groups for name in group}
+    groups += [[name] for name in linears if name not in grouped]  # layers the forward never reached
+    for group in groups:
+        layers = [linears[name] for name in group]
+        smooth = None
+        if calibration is not None and group[0] in maxima:
+            smooth = smoothing_factors(torch.stack([maxima[name] for name in group]).amax(0), [m.weight for m in layers])
+        quantizer = RowQuantizer(smooth, users=len(group))
+        for name, linear in zip(group, layers):
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, Int8Linear(linear, smooth, quantizer))
     return len(linears)

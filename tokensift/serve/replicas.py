@@ -11,11 +11,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
+import threading
 import time
 
 from tokensift.errors import TokensiftError
 
 APP_NAME = "tokensift"
+DELETE_TIMEOUT = 60.0  # seconds serve.delete gets at shutdown
 REPLICA_HEADER = "x-tokensift-replica"
 
 
@@ -81,6 +84,19 @@ def start_replicas(application, host: str, port: int) -> str:
     return f"http://{host}:{port}"
 
 
+def delete_app(serve, timeout: float = DELETE_TIMEOUT) -> bool:
+    """``serve.delete`` of the app, bounded: a stuck Serve controller must not keep Ctrl-C from
+    ending the server (the cluster's shutdown then stops the replicas). True if it finished."""
+    worker = threading.Thread(target=serve.delete, args=(APP_NAME,), daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        print(f"tokensift: the replicas did not stop within {timeout:.0f} s; leaving them to Ray's shutdown",
+              file=sys.stderr, flush=True)
+        return False
+    return True
+
+
 def interrupt(signum, frame) -> None:
     """SIGTERM handler: stop like Ctrl-C."""
     raise KeyboardInterrupt
@@ -117,4 +133,4 @@ def run_replicas(model_name, host: str, port: int, defaults, *, replicas: int, a
         except KeyboardInterrupt:
             pass
         finally:
-            serve.delete(APP_NAME)
+            delete_app(serve)
