@@ -66,32 +66,17 @@ def geomean(values: list[float]) -> float:
 
 
 def generate(llm, input_ids: list[int], new_tokens: int, stop_ids: set[int]) -> dict:
-    """One greedy generation; times every token and counts the model calls (``Llama.eval``) of the decode."""
-    llm.reset()
-    evals = []
-    original = llm.eval
+    """One greedy generation, timed as ``tokensift/bench/llamacpp_worker.py`` times it (loaded by
+    path: this venv has no torch and no tokensift)."""
+    import importlib.util
 
-    def counted(tokens):
-        evals.append(len(tokens))
-        return original(tokens)
-
-    llm.eval = counted  # instance attribute: Llama.generate calls self.eval
-    start = time.perf_counter()
-    times, tokens = [], []
-    try:
-        for token in llm.generate(input_ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
-            times.append(time.perf_counter())
-            tokens.append(int(token))
-            if token in stop_ids or len(tokens) >= new_tokens:
-                break
-    finally:
-        del llm.eval
-    decode = times[-1] - times[0]
-    steps = evals[1:]  # the first call is the prompt
-    return {"token_ids": tokens, "new_tokens": len(tokens), "prefill_seconds": times[0] - start, "decode_seconds": decode,
-            "tokens_per_second": (len(tokens) - 1) / decode if decode > 0 and len(tokens) > 1 else float("nan"),
-            "steps": len(steps), "tokens_per_step": (len(tokens) - 1) / len(steps) if steps else float("nan"),
-            "evaluated_per_step": sum(steps) / len(steps) if steps else float("nan")}
+    path = Path(__file__).resolve().parents[1] / "tokensift" / "bench" / "llamacpp_worker.py"
+    spec = importlib.util.spec_from_file_location("llamacpp_worker", path)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    out = worker.timed_generate(llm, input_ids, new_tokens, stop_ids)
+    out["tokens_per_step"] = out.pop("accepted_per_step")
+    return out
 
 
 def run(args) -> None:

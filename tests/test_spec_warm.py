@@ -2,6 +2,7 @@
 speculator stays lossless, and the warm start's prompts are disjoint from the suite and held-out."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -221,3 +222,46 @@ def test_spec_fresh_int8_arms_reproduce_the_int8_plain_arm(tmp_path):
     text = (tmp_path / "report.md").read_text()
     assert "identical to plain decoding of the same model: 2/2 runs (the `_int8` arms against `plain_int8`" in text
     assert "| auto_int8 vs plain_int8 |" in text and "| 2.00x | 3.00x | 1.50x |" in text
+
+
+def test_spec_fresh_llamacpp_arms_are_compared_with_llamacpp_plain(tmp_path):
+    """llama.cpp's lookup arms get ratios and an identity count against llama.cpp's own plain greedy,
+    apart from tokensift's lossless count."""
+    from tokensift.bench.spec_fresh import write_report
+
+    def row(i, arm, rate, ids):
+        return {"split": "heldout", "category": "chat", "prompt": f"chat-{i}", "arm": arm, "repeat": 0,
+                "tokens_per_second": rate, "accepted_per_step": None if arm == "plain" else 1.5, "token_ids": ids,
+                "concurrent": False}
+
+    records = [r for i in range(2) for r in (row(i, "plain", 10.0, [1, 2]), row(i, "auto", 15.0, [1, 2]),
+                                              row(i, "llamacpp_plain", 60.0, [1, 3]),
+                                              row(i, "llamacpp_lookup10", 30.0, [1, 3] if i else [1, 4]))]
+    write_report(tmp_path, records, (0, 0, 0), (0, 0, 0), 128, 1)
+    text = (tmp_path / "report.md").read_text()
+    assert "same model: 2/2 runs" in text and "identical to `llamacpp_plain`: 1/2 runs" in text
+    assert "| llamacpp_lookup10 vs llamacpp_plain |" in text and "| llamacpp_plain vs plain |" not in text
+    assert "| 1.50x | 0.50x |" in text and "30.0 (0.50x)" in text
+
+
+def test_spec_fresh_llamacpp_arms_need_their_venv(tmp_path, monkeypatch):
+    from tokensift.bench import spec_fresh
+
+    monkeypatch.setenv("TOKENSIFT_LLAMACPP_PYTHON", str(tmp_path / "missing" / "python"))
+    monkeypatch.setenv("TOKENSIFT_SPEC_ARMS", "llamacpp_plain,llamacpp_lookup2")
+    with pytest.raises(TokensiftError, match="llama.cpp arms need llama-cpp-python in its own venv"):
+        spec_fresh.run_spec_fresh(tmp_path)
+    with pytest.raises(TokensiftError, match="embedded SmolLM2 GGUF only"):
+        spec_fresh.run_spec_fresh(tmp_path, model="gemma3")
+
+
+def test_llamacpp_worker_imports_neither_torch_nor_tokensift():
+    """It runs in llama-cpp-python's own venv, where neither is installed."""
+    import ast
+
+    from tokensift.bench import spec_fresh
+
+    source = (Path(spec_fresh.__file__).with_name("llamacpp_worker.py")).read_text()
+    modules = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import) for alias in node.names}
+    modules |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not modules & {"torch", "tokensift", "transformers", "numpy"}

@@ -35,6 +35,7 @@ from tokensift.bench.spec_suite import CATEGORIES, _env, spec_prompts
 from tokensift.bench.suite import Suite
 from tokensift.bench.table import fmt, markdown_table
 from tokensift.bench.timing import geomean, load_1min, load_averages, mean
+from tokensift.errors import TokensiftError
 
 HELDOUT_FILE = Path(__file__).with_name("spec_heldout.json")
 ARM_FLAGS = {"plain": [], "auto": ["--speculate", "auto"], "auto_cold": ["--speculate", "auto", "--no-spec-warm"],
@@ -42,9 +43,39 @@ ARM_FLAGS = {"plain": [], "auto": ["--speculate", "auto"], "auto_cold": ["--spec
              "plain_int8": ["--weights", "int8"], "auto_int8": ["--speculate", "auto", "--weights", "int8"]}
 
 
+# llama.cpp arms (llama-cpp-python in its own venv, TOKENSIFT_LLAMACPP_PYTHON): drafted tokens of its
+# prompt lookup decoding, 0 = its plain greedy; SmolLM2 only (the embedded GGUF, run natively).
+LLAMACPP_ARMS = {"llamacpp_plain": 0, "llamacpp_lookup10": 10, "llamacpp_lookup2": 2}
+LLAMACPP_PYTHON = ".venv-llamacpp/bin/python"
+
+
 def plain_arm(arm: str) -> str:
-    """The plain decoding an arm must reproduce: ``plain_int8`` for the W8A8 model's arms."""
+    """The plain decoding an arm must reproduce: ``plain_int8`` for the W8A8 model's arms,
+    ``llamacpp_plain`` for llama.cpp's."""
+    if arm.startswith("llamacpp_"):
+        return "llamacpp_plain"
     return "plain_int8" if arm.endswith("_int8") else "plain"
+
+
+def llamacpp_python() -> str:
+    """The interpreter of the venv holding llama-cpp-python (a one-line error if it is missing)."""
+    python = os.environ.get("TOKENSIFT_LLAMACPP_PYTHON", LLAMACPP_PYTHON)
+    if not Path(python).is_file():
+        raise TokensiftError(f"llama.cpp arms need llama-cpp-python in its own venv: {python} not found "
+                             "(set TOKENSIFT_LLAMACPP_PYTHON; see benchmarks/results/spec-fresh/llamacpp/RUN.md)")
+    return python
+
+
+def start_llamacpp(job_file: Path, arm: str, input_ids: list[int], new_tokens: int, threads: int, eos_ids) -> subprocess.Popen:
+    """Start one fresh llama.cpp process (``llamacpp_worker.py``) on the embedded GGUF."""
+    from tokensift.models import smollm2_gguf
+
+    job_file.write_text(json.dumps({"gguf": str(smollm2_gguf()), "input_ids": input_ids, "new_tokens": new_tokens,
+                                    "eos_ids": [e for e in eos_ids if e is not None], "threads": threads,
+                                    "lookup": LLAMACPP_ARMS[arm]}))
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    return subprocess.Popen([llamacpp_python(), str(Path(__file__).with_name("llamacpp_worker.py")), str(job_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
 
 def heldout_prompts(tokenizer) -> list[dict]:
@@ -90,7 +121,11 @@ def run_spec_fresh(out_dir: Path, model: str | None = None, device: str = "cpu",
     repeats = _env("TOKENSIFT_SPEC_REPEATS", 1)
     concurrent = bool(_env("TOKENSIFT_SPEC_CONCURRENT", 1))
     splits = os.environ.get("TOKENSIFT_SPEC_SPLITS", "suite,heldout").split(",")
-    arms = [a for a in os.environ.get("TOKENSIFT_SPEC_ARMS", "plain,auto,auto_cold").split(",") if a in ARM_FLAGS]
+    arms = [a for a in os.environ.get("TOKENSIFT_SPEC_ARMS", "plain,auto,auto_cold").split(",") if a in ARM_FLAGS or a in LLAMACPP_ARMS]
+    if any(arm in LLAMACPP_ARMS for arm in arms):
+        if model not in (None, "smollm2"):
+            raise TokensiftError("the llama.cpp arms run the embedded SmolLM2 GGUF only (drop --model)")
+        llamacpp_python()
     _, tokenizer = load_model(model)
     prompts = []
     if "suite" in splits:
@@ -110,12 +145,18 @@ def run_spec_fresh(out_dir: Path, model: str | None = None, device: str = "cpu",
                 rotated = arms[(position + repeat) % len(arms):] + arms[:(position + repeat) % len(arms)]
                 rotated = [arm for arm in rotated if (prompt["name"], arm, repeat) not in done]
                 before = load_1min()
+
+                def start(arm):
+                    if arm in LLAMACPP_ARMS:  # the same input ids tokensift's CLI feeds its model
+                        return start_llamacpp(Path(folder) / f"{arm}.json", arm, tokenizer(prompt["text"])["input_ids"],
+                                              new_tokens, threads, [tokenizer.eos_token_id])
+                    return start_cli(prompt_file, arm, new_tokens, threads, model, device, dtype)
+
                 if concurrent:  # every arm at once: whatever else runs hits them alike
-                    started = {arm: start_cli(prompt_file, arm, new_tokens, threads, model, device, dtype) for arm in rotated}
+                    started = {arm: start(arm) for arm in rotated}
                     outputs = {arm: finish_cli(process, arm) for arm, process in started.items()}
                 else:
-                    outputs = {arm: finish_cli(start_cli(prompt_file, arm, new_tokens, threads, model, device, dtype), arm)
-                               for arm in rotated}
+                    outputs = {arm: finish_cli(start(arm), arm) for arm in rotated}
                 for arm, out in outputs.items():
                     record = {"split": prompt["split"], "category": prompt["category"], "prompt": prompt["name"], "arm": arm,
                               "repeat": repeat, "threads": threads, "tokens_per_second": out["tokens_per_second"],
@@ -158,8 +199,13 @@ def write_report(out_dir: Path, records: list[dict], load_before, load_after, ne
         return out
 
     reference = {(r["prompt"], r["arm"], r.get("repeat", 0)): r["token_ids"] for r in records if r["arm"] == plain_arm(r["arm"])}
-    compared = [r["token_ids"] == reference[(r["prompt"], plain_arm(r["arm"]), r.get("repeat", 0))] for r in records
-                if r["arm"] != plain_arm(r["arm"]) and (r["prompt"], plain_arm(r["arm"]), r.get("repeat", 0)) in reference]
+
+    def identical(ours: bool) -> list[bool]:
+        return [r["token_ids"] == reference[(r["prompt"], plain_arm(r["arm"]), r.get("repeat", 0))] for r in records
+                if r["arm"] != plain_arm(r["arm"]) and (r["prompt"], plain_arm(r["arm"]), r.get("repeat", 0)) in reference
+                and ours != r["arm"].startswith("llamacpp_")]
+
+    compared, theirs = identical(True), identical(False)
     lines = [f"# spec-fresh: `tokensift generate --speculate auto`, one fresh process per generation ({threads} thread(s) each)", "",
              f"{new_tokens} new tokens (or EOS); the arms of a prompt "
              f"{'ran at the same time' if all(r.get('concurrent') for r in records) else 'ran one after the other (order rotated)'}; "
@@ -169,8 +215,16 @@ def write_report(out_dir: Path, records: list[dict], load_before, load_after, ne
              "same run, geometric mean per category. `auto`: default warm start; `auto_cold`: `--no-spec-warm`.", "",
              f"Greedy outputs identical to plain decoding of the same model: {sum(compared)}/{len(compared)} runs"
              f"{' (the `_int8` arms against `plain_int8`: `--weights int8` is another model)' if 'plain_int8' in arms else ''}.", ""]
+    if "llamacpp_plain" in arms:
+        lines += ["`llamacpp_*`: llama-cpp-python (its own venv, a fresh process per generation, same thread count, the "
+                  "same input ids) on the same GGUF file, whose quantized weights (Q4_1) llama.cpp runs natively while "
+                  "tokensift runs them dequantized to fp32: compare each system's speculation with its own plain decoding. "
+                  "`llamacpp_lookupN`: its prompt lookup decoding with N drafted tokens; greedy outputs identical to "
+                  f"`llamacpp_plain`: {sum(theirs)}/{len(theirs)} runs.", ""]
     pairs = [(a, "plain") for a in arms if a != "plain"] + ([("auto", "auto_cold")] if {"auto", "auto_cold"} <= set(arms) else [])
     pairs += [("auto_int8", "plain_int8")] if {"auto_int8", "plain_int8"} <= set(arms) else []
+    pairs = [(a, b) for a, b in pairs if not a.startswith("llamacpp_")]
+    pairs += [(a, "llamacpp_plain") for a in arms if a.startswith("llamacpp_lookup") and "llamacpp_plain" in arms]
     for split in ("suite", "heldout"):
         sel_split = [r for r in records if r["split"] == split]
         if not sel_split:
@@ -197,18 +251,17 @@ def write_report(out_dir: Path, records: list[dict], load_before, load_after, ne
     body = []
     for key in dict.fromkeys((r["split"], r["prompt"], r.get("repeat", 0)) for r in records):
         split, prompt, repeat = key
-        base = by.get((prompt, "plain", repeat))
         cells = []
         for a in arms:
-            r = by.get((prompt, a, repeat))
+            r, base = by.get((prompt, a, repeat)), by.get((prompt, plain_arm(a), repeat))
             if r is None:
                 cells.append("")
-            elif a == "plain" or base is None:
+            elif a == plain_arm(a) or base is None:
                 cells.append(fmt(r["tokens_per_second"], 1))
             else:
                 cells.append(f"{fmt(r['tokens_per_second'], 1)} ({fmt(r['tokens_per_second'] / base['tokens_per_second'], 2, 'x')})")
         body.append([split, f"{prompt}{'' if not repeat else f' #{repeat}'}", *cells])
-    lines += ["Per prompt (tok/s; ratio to plain):", "", markdown_table(["split", "prompt", *arms], body)]
+    lines += ["Per prompt (tok/s; ratio to the same model's plain decoding):", "", markdown_table(["split", "prompt", *arms], body)]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
