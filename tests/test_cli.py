@@ -31,6 +31,7 @@ def run_cli(monkeypatch, capsys, *args):
         (["--policy", "snapkv", "--budget", "100", "--set", "kernel=big"], "must be int"),
         (["--weights", "int4"], "unknown --weights 'int4'"),
         (["--weights", "int8", "--exact-int8-head"], "already quantizes it"),
+        (["--weights", "int8", "--speculate", "auto"], "not lossless over --weights int8"),
     ],
 )
 def test_generate_errors_are_one_line(monkeypatch, capsys, args, fragment):

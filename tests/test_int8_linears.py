@@ -1,5 +1,5 @@
 """W8A8 linears (``--weights int8``): close to fp32, each row independent of the others in its
-batch, and speculative decoding of the quantized model equal to its own plain decoding."""
+batch, and refused by speculation (that is not enough to keep it lossless on a real model)."""
 
 import pytest
 import torch
@@ -55,23 +55,17 @@ def test_each_row_is_independent_of_its_batch():
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2])
-def test_speculation_equals_plain_decoding_of_the_quantized_model(make):
+def test_quantized_model_generates_and_refuses_speculation(make):
+    """Every linear layer is replaced (the output layer too); plain decoding runs; speculation over
+    it is refused: on SmolLM2 it reproduced plain decoding in only 4 of 25 generations."""
     model, tokenizer = make(), TinyTokenizer()
-    fp32 = generate(model, tokenizer, random_ids(24, seed=4)[0].tolist(), max_new_tokens=16).token_ids[0]
     count = quantize_linears(model, random_ids(64, seed=9))
     assert count == sum(1 for m in model.modules() if isinstance(m, Int8Linear)) and count > 0
     assert isinstance(model.get_output_embeddings(), Int8Linear)
-    speculator = Speculator(model, "auto", cost=CostModel.synthetic(0.02))
-    steps = tokens = 0
-    for seed in range(12):
-        ids = random_ids(10 + seed, seed=seed)[0].tolist()
-        ids = ids + ids[:6]  # a repeat, so drafts are accepted
-        plain = generate(model, tokenizer, ids, max_new_tokens=14).token_ids[0]
-        result = speculator.generate(tokenizer, ids, max_new_tokens=14)
-        assert result.token_ids == plain
-        steps, tokens = steps + result.steps, tokens + result.new_tokens
-    assert tokens / steps > 1.1
-    assert len(fp32) == 16  # the fp32 model generated before quantizing (its text may differ)
+    assert not any(type(m) is torch.nn.Linear for m in model.modules())
+    assert len(generate(model, tokenizer, random_ids(12, seed=1)[0].tolist(), max_new_tokens=6).token_ids[0]) == 6
+    with pytest.raises(TokensiftError, match="not lossless over --weights int8"):
+        Speculator(model, "auto", cost=CostModel.synthetic(0.02))
 
 
 def test_calibration_sees_every_layer_and_groups_shared_inputs():
@@ -108,22 +102,18 @@ def test_missing_int8_kernels_are_a_one_line_error(monkeypatch):
         int8.quantize_linears(tiny_llama())
 
 
-def test_cli_int8_weights_speculate_like_their_plain_decoding(monkeypatch, capsys):
-    """``generate --weights int8``: plain and ``--speculate auto`` give the same tokens."""
+def test_cli_int8_weights_decode_like_the_api(monkeypatch, capsys):
+    """``generate --weights int8`` quantizes the loaded model and decodes it plainly."""
     import json
 
     from tokensift import cli
 
     monkeypatch.setattr("tokensift.models.load_model", lambda *a, **k: (tiny_llama(), TinyTokenizer()))
     monkeypatch.setattr("tokensift.int8_linears.calibration_ids", lambda tokenizer, device: random_ids(48, seed=5))
-
-    def run(*args):
-        monkeypatch.setattr("sys.argv", ["tokensift", "generate", "--prompt", "5 6 7 8 5 6 7 8 5", "--max-new-tokens", "10",
-                                         "--json", "--weights", "int8", *args])
-        try:
-            cli.main()
-        except SystemExit as exit_info:
-            assert exit_info.code in (0, None), capsys.readouterr().err
-        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
-
-    assert run("--speculate", "auto", "--no-spec-warm") == run()
+    monkeypatch.setattr("sys.argv", ["tokensift", "generate", "--prompt", "5 6 7 8 5 6 7 8 5", "--max-new-tokens", "10",
+                                     "--json", "--weights", "int8"])
+    cli.main()
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"]
+    model = tiny_llama()
+    quantize_linears(model, random_ids(48, seed=5))
+    assert out == generate(model, TinyTokenizer(), [5, 6, 7, 8, 5, 6, 7, 8, 5], max_new_tokens=10).token_ids[0]

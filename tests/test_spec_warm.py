@@ -205,11 +205,13 @@ def test_spec_fresh_report_splits_and_ratios(tmp_path):
     suite, heldout = text.split("## Held-out split")
     assert "| qa | 2 | 10.00 | 16.00 | 11.00 | 1.50 | 1.50 | 1.60x | 1.10x | 1.45x |" in suite
     assert "| qa | 2 | 10.00 | 12.00 | 11.00 | 1.50 | 1.50 | 1.20x | 1.10x | 1.09x |" in heldout
-    assert "Greedy outputs identical to plain decoding of the same model: 7/8 runs." in text and "ran at the same time" in text
+    assert "identical to plain decoding of the same model (runs): `auto` 4/4, `auto_cold` 3/4." in text
+    assert "ran at the same time" in text
 
 
 def test_spec_fresh_int8_arms_reproduce_the_int8_plain_arm(tmp_path):
-    """The W8A8 arms are another model: auto_int8 is checked against plain_int8, not fp32 plain."""
+    """The W8A8 arms are another model: rows of an auto_int8 arm (measured before speculation over
+    int8 was refused) are checked against plain_int8, not fp32 plain."""
     from tokensift.bench.spec_fresh import write_report
 
     def row(i, arm, rate, ids):
@@ -220,7 +222,7 @@ def test_spec_fresh_int8_arms_reproduce_the_int8_plain_arm(tmp_path):
                                               row(i, "auto_int8", 30.0, [1, 5]))]
     write_report(tmp_path, records, (0, 0, 0), (0, 0, 0), 128, 1)
     text = (tmp_path / "report.md").read_text()
-    assert "identical to plain decoding of the same model: 2/2 runs (the `_int8` arms against `plain_int8`" in text
+    assert "(runs): `auto_int8` 2/2 (`auto_int8` against `plain_int8`" in text
     assert "| auto_int8 vs plain_int8 |" in text and "| 2.00x | 3.00x | 1.50x |" in text
 
 
@@ -239,7 +241,7 @@ def test_spec_fresh_llamacpp_arms_are_compared_with_llamacpp_plain(tmp_path):
                                               row(i, "llamacpp_lookup10", 30.0, [1, 3] if i else [1, 4]))]
     write_report(tmp_path, records, (0, 0, 0), (0, 0, 0), 128, 1)
     text = (tmp_path / "report.md").read_text()
-    assert "same model: 2/2 runs" in text and "identical to `llamacpp_plain`: 1/2 runs" in text
+    assert "same model (runs): `auto` 2/2." in text and "identical to `llamacpp_plain` (runs): `llamacpp_lookup10` 1/2." in text
     assert "| llamacpp_lookup10 vs llamacpp_plain |" in text and "| llamacpp_plain vs plain |" not in text
     assert "| 1.50x | 0.50x |" in text and "30.0 (0.50x)" in text
 

@@ -1,5 +1,5 @@
-"""W8A8 linear layers that keep speculation lossless: int8 weights, int8 activations with one
-scale per row, exact int32 products.
+"""W8A8 linear layers for faster plain decoding on a CPU: int8 weights, int8 activations with
+one scale per row, exact int32 products.
 
 ``--weights int8`` replaces every linear layer of the model (the output layer included) by
 :class:`Int8Linear`: weights rounded to int8 with one scale per output channel, each input row
@@ -10,12 +10,14 @@ the rest in SmolLM2) are moved into the weights first, as in SmoothQuant (Xiao e
 input channel ``j`` is divided by ``s_j = max|X_j|^a / max|W_j|^(1-a)`` (``a`` = 0.5) and the
 weight's column ``j`` multiplied by it, with ``max|X_j|`` calibrated once on shipped text.
 
-This is another model than the fp32 one: its greedy text can differ. What it guarantees is
-that every output row depends on its own input row only (per-row scales, exact integer
-sums), so a verification tree of any size gives each node exactly what plain decoding of the
-same quantized model gives it: speculative decoding stays lossless relative to it.
-PyTorch's own dynamic int8 linears quantize a whole batch on one scale, so there a row's
-result depends on the other rows in the tree.
+This is another model than the fp32 one: its greedy text can differ (SmolLM2: perplexity 20.2
+against 19.9 on a shipped essay). Each output row depends on its own input row only (per-row
+scales, exact integer sums; PyTorch's dynamic int8 linears quantize a whole batch on one scale),
+but that is not enough for lossless speculation: the float parts around the layers (attention
+over a tree against over one token) differ in the last bits, and the activation rounding turns
+some of those differences into a different code. Measured on the spec-fresh prompts,
+speculation reproduced plain decoding of this model in 4 of 25 generations, so the engine
+refuses ``--speculate`` over it; plain decoding runs about 1.45x faster than fp32 here.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ an arm that finishes first leaves the others more CPU, which favours the slower 
 the other in an order that rotates from prompt to prompt (0): ``plain``,
 ``auto`` (default warm start from the cache folder) and ``auto_cold`` (``--no-spec-warm``: empty
 drafter state, as before the warm start); optional ``packed0`` (``--tree-nodes 0``: the speculative
-loop's packed kernels without drafts, what the kernels give alone); optional ``plain_int8`` and
-``auto_int8`` (``--weights int8``: W8A8 linears, another model, so ``auto_int8`` must reproduce
-``plain_int8``, not ``plain``). Speedups are ratios of the CLI's own decode tokens/s of
+loop's packed kernels without drafts, what the kernels give alone); optional ``plain_int8`` (``--weights int8``: W8A8 linears, another, faster model; speculation
+over it is refused, see :mod:`tokensift.int8_linears`; results rows of an ``auto_int8`` arm, from
+before that, are still reported against ``plain_int8``). Speedups are ratios of the CLI's own decode tokens/s of
 the same prompt in the same run, geometric means per category.
 
 Knobs: TOKENSIFT_SPEC_PROMPTS (suite prompts per category, 2), TOKENSIFT_SPEC_TOKENS (128),
@@ -40,7 +40,7 @@ from tokensift.errors import TokensiftError
 HELDOUT_FILE = Path(__file__).with_name("spec_heldout.json")
 ARM_FLAGS = {"plain": [], "auto": ["--speculate", "auto"], "auto_cold": ["--speculate", "auto", "--no-spec-warm"],
              "packed0": ["--speculate", "auto", "--tree-nodes", "0"],
-             "plain_int8": ["--weights", "int8"], "auto_int8": ["--speculate", "auto", "--weights", "int8"]}
+             "plain_int8": ["--weights", "int8"]}
 
 
 # llama.cpp arms (llama-cpp-python in its own venv, TOKENSIFT_LLAMACPP_PYTHON): drafted tokens of its
@@ -200,12 +200,14 @@ def write_report(out_dir: Path, records: list[dict], load_before, load_after, ne
 
     reference = {(r["prompt"], r["arm"], r.get("repeat", 0)): r["token_ids"] for r in records if r["arm"] == plain_arm(r["arm"])}
 
-    def identical(ours: bool) -> list[bool]:
-        return [r["token_ids"] == reference[(r["prompt"], plain_arm(r["arm"]), r.get("repeat", 0))] for r in records
-                if r["arm"] != plain_arm(r["arm"]) and (r["prompt"], plain_arm(r["arm"]), r.get("repeat", 0)) in reference
-                and ours != r["arm"].startswith("llamacpp_")]
+    def identical(arm: str) -> str:
+        same = [r["token_ids"] == reference[(r["prompt"], plain_arm(arm), r.get("repeat", 0))] for r in records
+                if r["arm"] == arm and (r["prompt"], plain_arm(arm), r.get("repeat", 0)) in reference]
+        return f"`{arm}` {sum(same)}/{len(same)}"
 
-    compared, theirs = identical(True), identical(False)
+    checked = [a for a in arms if a != plain_arm(a)]
+    ours = [identical(a) for a in checked if not a.startswith("llamacpp_")]
+    theirs = [identical(a) for a in checked if a.startswith("llamacpp_")]
     lines = [f"# spec-fresh: `tokensift generate --speculate auto`, one fresh process per generation ({threads} thread(s) each)", "",
              f"{new_tokens} new tokens (or EOS); the arms of a prompt "
              f"{'ran at the same time' if all(r.get('concurrent') for r in records) else 'ran one after the other (order rotated)'}; "
@@ -213,14 +215,14 @@ def write_report(out_dir: Path, records: list[dict], load_before, load_after, ne
              f"{tuple(round(x, 2) for x in load_before)}, after {tuple(round(x, 2) for x in load_after)} on a 2-core machine "
              "shared with other jobs. Speedup = ratio of the CLI's decode tokens/s to plain decoding of the same prompt in the "
              "same run, geometric mean per category. `auto`: default warm start; `auto_cold`: `--no-spec-warm`.", "",
-             f"Greedy outputs identical to plain decoding of the same model: {sum(compared)}/{len(compared)} runs"
-             f"{' (the `_int8` arms against `plain_int8`: `--weights int8` is another model)' if 'plain_int8' in arms else ''}.", ""]
+             f"Greedy outputs identical to plain decoding of the same model (runs): {', '.join(ours) or '-'}"
+             f"{' (`auto_int8` against `plain_int8`: `--weights int8` is another model)' if 'auto_int8' in arms else ''}.", ""]
     if "llamacpp_plain" in arms:
         lines += ["`llamacpp_*`: llama-cpp-python (its own venv, a fresh process per generation, same thread count, the "
                   "same input ids) on the same GGUF file, whose quantized weights (Q4_1) llama.cpp runs natively while "
                   "tokensift runs them dequantized to fp32: compare each system's speculation with its own plain decoding. "
                   "`llamacpp_lookupN`: its prompt lookup decoding with N drafted tokens; greedy outputs identical to "
-                  f"`llamacpp_plain`: {sum(theirs)}/{len(theirs)} runs.", ""]
+                  f"`llamacpp_plain` (runs): {', '.join(theirs)}.", ""]
     pairs = [(a, "plain") for a in arms if a != "plain"] + ([("auto", "auto_cold")] if {"auto", "auto_cold"} <= set(arms) else [])
     pairs += [("auto_int8", "plain_int8")] if {"auto_int8", "plain_int8"} <= set(arms) else []
     pairs = [(a, b) for a, b in pairs if not a.startswith("llamacpp_")]

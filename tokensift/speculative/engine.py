@@ -122,6 +122,9 @@ class Speculator:
         layer_types = getattr(config, "layer_types", None) or []
         if any(kind != "full_attention" for kind in layer_types):
             raise TokensiftError("speculative decoding needs a model whose layers are all full attention (no sliding window)")
+        if has_int8_linears(model):
+            raise TokensiftError("speculative decoding is not lossless over --weights int8 (its per-row activation rounding "
+                                 "turns float-rounding differences between a tree and one token into different tokens)")
         self.model = model
         self.name = drafter if isinstance(drafter, str) else "+".join(d.name for d in drafter)
         self.drafters = build_drafters(drafter, config.vocab_size) if isinstance(drafter, str) else list(drafter)
@@ -139,7 +142,7 @@ class Speculator:
         self.logit_scale = getattr(config, "logit_scale", None)
         self.packed = packed
         self.exact_int8_head = exact_int8_head
-        self.kernels = "stock"  # the body's linears while generating: stock | packed | int8 (W8A8 layers)
+        self.kernels = "stock"  # the body's linears while generating: stock | packed
         self.lazy_head = True  # the output layer row by row on visited nodes (stock kernels); see generate
 
     def exact_applies(self, temperature: float, penalty: float = 1.0) -> bool:
@@ -265,7 +268,7 @@ class Speculator:
         asked for and available; with them the output layer runs once over all tree rows (as
         cheap as one row), without them row by row on the visited nodes."""
         with packed_linears(self.model, self.packed) as packed:
-            self.kernels = "int8" if has_int8_linears(self.model) else "packed" if packed else "stock"
+            self.kernels = "packed" if packed else "stock"
             self.lazy_head = not packed
             return self._generate(tokenizer, prompt, **options)
 
