@@ -339,7 +339,8 @@ def test_cli_sampling_options_reach_generate(monkeypatch, capsys, tiny_folder):
     model, tokenizer = load_model(tiny_folder)
     expected = generate(model, tokenizer, "abc", max_new_tokens=6, repetition_penalty=1.4)
     assert f'"token_ids": {expected.token_ids[0]}' in penalized
-    monkeypatch.setattr("sys.argv", ["tokensift", "generate", *args, "--speculate", "auto", "--repetition-penalty", "1.4"])
+    monkeypatch.setattr("sys.argv", ["tokensift", "generate", *args, "--speculate", "auto", "--no-spec-warm",
+                                     "--repetition-penalty", "1.4"])  # (the warm start has its own tests)
     cli.main()  # the speculative path takes the same options (tests/test_spec_generation.py)
     assert f'"token_ids": {expected.token_ids[0]}' in capsys.readouterr().out
 

@@ -164,7 +164,7 @@ def test_cli_speculate_streams_whole_characters(monkeypatch, capsys, cycle_folde
     """``generate --speculate auto`` prints exactly the text of the run, character by character, though
     steps accept several byte tokens at once and characters span tokens."""
     args = ["--model", cycle_folder, "--prompt", PROMPT, "--max-new-tokens", "36", "--speculate", "auto",
-            "--tree-nodes", "12", "--repetition-penalty", "1.1", "--top-k", "3"]
+            "--no-spec-warm", "--tree-nodes", "12", "--repetition-penalty", "1.1", "--top-k", "3"]
     streamed = run_cli(monkeypatch, capsys, args)
     result = json.loads(run_cli(monkeypatch, capsys, [*args, "--json"]))
     assert streamed == result["text"] + "\n" and "\ufffd" not in streamed

@@ -267,3 +267,34 @@ def test_llamacpp_worker_imports_neither_torch_nor_tokensift():
     modules = {alias.name.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Import) for alias in node.names}
     modules |= {node.module.split(".")[0] for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom) and node.module}
     assert not modules & {"torch", "tokensift", "transformers", "numpy"}
+
+
+def test_llamacpp_worker_times_and_counts_like_the_cli():
+    """The worker's record, on a stand-in for llama_cpp.Llama: 1 prefill call, then one eval per
+    step (two tokens per step here), stop at end of sequence."""
+    import importlib.util
+
+    from tokensift.bench import spec_fresh
+
+    spec = importlib.util.spec_from_file_location("llamacpp_worker", Path(spec_fresh.__file__).with_name("llamacpp_worker.py"))
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+
+    class StandIn:
+        def reset(self):
+            pass
+
+        def eval(self, tokens):
+            pass
+
+        def generate(self, ids, **_):
+            self.eval(ids)  # the prompt
+            for step in range(4):
+                self.eval([0, 0])
+                yield from (10 + 2 * step, 11 + 2 * step)
+            yield 2
+
+    out = worker.timed_generate(StandIn(), [5, 6, 7], new_tokens=128, stop_ids={2})
+    assert out["token_ids"] == [10, 11, 12, 13, 14, 15, 16, 17, 2] and out["prompt_tokens"] == 3
+    assert out["steps"] == 4 and out["accepted_per_step"] == 2.0 and out["evaluated_per_step"] == 2.0
+    assert worker.timed_generate(StandIn(), [5], new_tokens=3, stop_ids={2})["token_ids"] == [10, 11, 12]
