@@ -43,7 +43,8 @@ def timed_generate(llm, input_ids: list[int], new_tokens: int, stop_ids: set[int
         del llm.eval
     decode = times[-1] - times[0]
     steps = calls[1:]  # the first call is the prompt
-    return {"token_ids": tokens, "new_tokens": len(tokens), "prompt_tokens": len(input_ids), "prefill_seconds": times[0] - start, "decode_seconds": decode,
+    return {"token_ids": tokens, "new_tokens": len(tokens), "prompt_tokens": len(input_ids),
+            "prefill_seconds": times[0] - start, "decode_seconds": decode,
             "tokens_per_second": (len(tokens) - 1) / decode if decode > 0 and len(tokens) > 1 else float("nan"),
             "steps": len(steps), "accepted_per_step": (len(tokens) - 1) / len(steps) if steps else float("nan"),
             "evaluated_per_step": sum(steps) / len(steps) if steps else float("nan")}
