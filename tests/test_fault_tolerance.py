@@ -187,3 +187,15 @@ def test_replica_shutdown_is_bounded_when_serve_hangs(capsys):
     assert not delete_app(StuckServe(), timeout=0.2)
     released.set()
     assert "did not stop within" in capsys.readouterr().err
+
+
+def test_exit_watchdog_ends_a_process_whose_shutdown_hangs():
+    """A thread that never ends (as a library's may) cannot keep a stopped server alive."""
+    code = textwrap.dedent("""
+        import threading
+        from tokensift.serve.replicas import exit_watchdog
+        exit_watchdog(0.5)
+        threading.Thread(target=threading.Event().wait).start()  # non-daemon, never ends
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "shutdown took over" in done.stderr

@@ -19,6 +19,7 @@ from tokensift.errors import TokensiftError
 
 APP_NAME = "tokensift"
 DELETE_TIMEOUT = 60.0  # seconds serve.delete gets at shutdown
+SHUTDOWN_TIMEOUT = 150.0  # seconds the whole shutdown gets before the process ends itself
 REPLICA_HEADER = "x-tokensift-replica"
 
 
@@ -97,6 +98,19 @@ def delete_app(serve, timeout: float = DELETE_TIMEOUT) -> bool:
     return True
 
 
+def exit_watchdog(timeout: float = SHUTDOWN_TIMEOUT) -> threading.Timer:
+    """End the process if the shutdown takes longer than ``timeout``: a stuck Ray disconnect or a
+    library thread that never ends must not keep a stopped server alive (seen twice in tests)."""
+    def force_exit():
+        print(f"tokensift: shutdown took over {timeout:.0f} s; exiting", file=sys.stderr, flush=True)
+        os._exit(0)
+
+    timer = threading.Timer(timeout, force_exit)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def interrupt(signum, frame) -> None:
     """SIGTERM handler: stop like Ctrl-C."""
     raise KeyboardInterrupt
@@ -124,6 +138,7 @@ def run_replicas(model_name, host: str, port: int, defaults, *, replicas: int, a
         from ray import serve
 
         signal.signal(signal.SIGTERM, interrupt)  # a terminated server also takes its app off the cluster
+        signal.signal(signal.SIGINT, interrupt)  # Ctrl-C stops it whatever handler Ray installed
         try:
             url = start_replicas(application, host, port)
             print(f"tokensift: {replicas} replica(s) of {served_name or model_name or 'smollm2'} serving at {url} "
@@ -133,4 +148,6 @@ def run_replicas(model_name, host: str, port: int, defaults, *, replicas: int, a
         except KeyboardInterrupt:
             pass
         finally:
+            print("tokensift: stopping the replicas", file=sys.stderr, flush=True)
+            exit_watchdog()
             delete_app(serve)
