@@ -31,6 +31,7 @@ N=10 is llama-cpp-python's default, N=2 the value its README suggests for CPU-on
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -65,16 +66,21 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else float("nan")
 
 
-def generate(llm, input_ids: list[int], new_tokens: int, stop_ids: set[int]) -> dict:
-    """One greedy generation, timed as ``tokensift/bench/llamacpp_worker.py`` times it (loaded by
-    path: this venv has no torch and no tokensift)."""
+@functools.cache
+def worker():
+    """``tokensift/bench/llamacpp_worker.py``, loaded by path (this venv has no torch and no tokensift)."""
     import importlib.util
 
     path = Path(__file__).resolve().parents[1] / "tokensift" / "bench" / "llamacpp_worker.py"
     spec = importlib.util.spec_from_file_location("llamacpp_worker", path)
-    worker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(worker)
-    out = worker.timed_generate(llm, input_ids, new_tokens, stop_ids)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def generate(llm, input_ids: list[int], new_tokens: int, stop_ids: set[int]) -> dict:
+    """One greedy generation, timed as the spec-fresh suite's llama.cpp worker times it."""
+    out = worker().timed_generate(llm, input_ids, new_tokens, stop_ids)
     out["tokens_per_step"] = out.pop("accepted_per_step")
     return out
 

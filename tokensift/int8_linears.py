@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from tokensift.errors import TokensiftError
+from tokensift.exact_head import quantize_rows
 
 SMOOTHING = 0.5  # SmoothQuant's migration strength a
 CALIBRATION_TOKENS = 1024
@@ -79,10 +80,9 @@ class Int8Linear(torch.nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         if smooth is not None:
             weight = weight * smooth[None, :]
-        scale = _row_scales(weight)  # [out, 1]
-        codes = (weight / scale).round().clamp(-QMAX, QMAX).to(torch.int8)
+        codes, scale = quantize_rows(weight)  # int8 [out, in], [out]
         self.register_buffer("codes_t", codes.t().contiguous())  # [in, out]: _int_mm's right operand
-        self.register_buffer("scale", scale.t().contiguous())  # [1, out]
+        self.register_buffer("scale", scale[None, :].contiguous())  # [1, out]
         self.quantizer = quantizer if quantizer is not None else RowQuantizer(smooth)
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
@@ -143,10 +143,9 @@ def observe_inputs(model, ids: torch.Tensor, linears: dict[str, torch.nn.Linear]
 
 def calibration_ids(tokenizer, device) -> torch.Tensor:
     """Shipped text (Paul Graham essays that the spec suite and its held-out split do not use)."""
-    from tokensift.data import essay_texts
-    from tokensift.speculative.warm import TRAIN_ESSAYS
+    from tokensift.speculative.warm import TRAIN_ESSAYS, long_essays
 
-    essays = [e for e in essay_texts() if len(e) > 3300]
+    essays = long_essays()
     text = "\n\n".join(essays[i] for i in TRAIN_ESSAYS[:2])
     ids = tokenizer(text)["input_ids"][:CALIBRATION_TOKENS]
     return torch.tensor([ids], device=device)

@@ -141,15 +141,17 @@ def run_spec_fresh(out_dir: Path, model: str | None = None, device: str = "cpu",
             prompt = prompts[index]
             prompt_file = Path(folder) / f"{prompt['name']}.txt"
             prompt_file.write_text(prompt["text"], encoding="utf-8")
+            # llama.cpp arms get the ids tokensift's CLI feeds its model
+            input_ids = tokenizer(prompt["text"])["input_ids"] if any(arm in LLAMACPP_ARMS for arm in arms) else None
             for repeat in range(repeats):
                 rotated = arms[(position + repeat) % len(arms):] + arms[:(position + repeat) % len(arms)]
                 rotated = [arm for arm in rotated if (prompt["name"], arm, repeat) not in done]
                 before = load_1min()
 
                 def start(arm):
-                    if arm in LLAMACPP_ARMS:  # the same input ids tokensift's CLI feeds its model
-                        return start_llamacpp(Path(folder) / f"{arm}.json", arm, tokenizer(prompt["text"])["input_ids"],
-                                              new_tokens, threads, [tokenizer.eos_token_id])
+                    if arm in LLAMACPP_ARMS:
+                        return start_llamacpp(Path(folder) / f"{arm}.json", arm, input_ids, new_tokens, threads,
+                                              [tokenizer.eos_token_id])
                     return start_cli(prompt_file, arm, new_tokens, threads, model, device, dtype)
 
                 if concurrent:  # every arm at once: whatever else runs hits them alike
@@ -223,9 +225,9 @@ def write_report(out_dir: Path, records: list[dict], load_before, load_after, ne
                   "tokensift runs them dequantized to fp32: compare each system's speculation with its own plain decoding. "
                   "`llamacpp_lookupN`: its prompt lookup decoding with N drafted tokens; greedy outputs identical to "
                   f"`llamacpp_plain` (runs): {', '.join(theirs)}.", ""]
-    pairs = [(a, "plain") for a in arms if a != "plain"] + ([("auto", "auto_cold")] if {"auto", "auto_cold"} <= set(arms) else [])
+    pairs = [(a, "plain") for a in arms if a != "plain" and not a.startswith("llamacpp_")]
+    pairs += [("auto", "auto_cold")] if {"auto", "auto_cold"} <= set(arms) else []
     pairs += [("auto_int8", "plain_int8")] if {"auto_int8", "plain_int8"} <= set(arms) else []
-    pairs = [(a, b) for a, b in pairs if not a.startswith("llamacpp_")]
     pairs += [(a, "llamacpp_plain") for a in arms if a.startswith("llamacpp_lookup") and "llamacpp_plain" in arms]
     for split in ("suite", "heldout"):
         sel_split = [r for r in records if r["split"] == split]

@@ -257,9 +257,8 @@ class Speculator:
         for drafter in self.drafters:
             if hasattr(drafter, "observe_rows"):
                 drafter.observe_rows(tokens, rows)
-            else:  # a duck-typed drafter with only ``observe``
-                for token, row in zip(tokens, rows):
-                    drafter.observe(token, row)
+            else:  # a duck-typed drafter with only ``observe``: the base class's loop over rows
+                Drafter.observe_rows(drafter, tokens, rows)
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()

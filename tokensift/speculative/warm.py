@@ -65,11 +65,17 @@ def humaneval_problems() -> list[str]:
         return [json.loads(line)["prompt"] for line in handle]
 
 
-def training_prompts(tokenizer) -> list[str]:
-    """The warm start's prompts (chat template applied where the suite applies it)."""
+def long_essays() -> list[str]:
+    """The shipped essays longer than 3,300 characters: what ``TRAIN_ESSAYS`` and
+    ``TRAIN_MORE_ESSAYS`` index (as the suite counts them)."""
     from tokensift.data import essay_texts
 
-    essays = [e for e in essay_texts() if len(e) > 3300]
+    return [e for e in essay_texts() if len(e) > 3300]
+
+
+def training_prompts(tokenizer) -> list[str]:
+    """The warm start's prompts (chat template applied where the suite applies it)."""
+    essays = long_essays()
 
     def chat(*turns):
         if not getattr(tokenizer, "chat_template", None):  # a base model: the turns as plain text
