@@ -126,13 +126,14 @@ def test_sketch_round_trip_within_half_a_step(bits):
     torch.manual_seed(bits)
     keys = torch.randn(2, 3, 64, 16) * torch.linspace(0.1, 8, 16)  # channels of very different ranges
     sketch = KeySketch(bits, group=16, rotate=True)
-    sketch.add(keys)
+    sketch.add(keys, keys)
     rotated = keys @ rotation(16, keys.device)
     step = sketch.scales.view().float().repeat_interleave(16, dim=2)  # per channel and group of 16 tokens
     error = (sketch.dequantized() - rotated).abs()
     assert bool((error <= step / 2 + 1e-3 * rotated.abs().amax()).all())
-    # codes + fp16 scale/zero, with one spare group of room
-    assert sketch.nbytes == 2 * 3 * (64 + 16) * 16 * bits // 8 + 2 * (2 * 3 * (4 + 1) * 16 * 2)
+    # codes + fp16 scale/zero/value mean, with one spare group of room
+    assert sketch.nbytes == 2 * 3 * (64 + 16) * 16 * bits // 8 + 3 * (2 * 3 * (4 + 1) * 16 * 2)
+    torch.testing.assert_close(sketch.means.view().float(), keys.view(2, 3, 4, 16, 16).mean(3), atol=2e-3, rtol=1e-3)
 
 
 def test_rotation_is_orthogonal_and_keeps_scores():
@@ -144,7 +145,7 @@ def test_rotation_is_orthogonal_and_keeps_scores():
     exact = torch.einsum("bgrd,bgnd->bgrn", query.view(1, 2, 2, 16), keys).reshape(1, 4, 128)
     for rotate in (True, False):
         sketch = KeySketch(8, group=32, rotate=rotate)
-        sketch.add(keys)
+        sketch.add(keys, keys)
         steps = sketch.scales.view().float()[0, :, :, None]  # [kv heads, groups, 1, dim]
         rotated_query = query.view(1, 2, 2, 16) @ (rotation(16, "cpu") if rotate else torch.eye(16))
         bound = (rotated_query[0].abs() @ (steps[:, 0, 0, :, None] / 2)).reshape(1, 4, 1)  # sum |q| * step / 2
@@ -158,7 +159,7 @@ def test_two_bit_sketch_ranks_like_exact_scores():
     query = torch.randn(1, 1, 1, 64)
     keys[0, 0, planted] += 3 * query[0, 0, 0]  # a few keys the query strongly matches
     sketch = KeySketch(2, group=128, rotate=True)
-    sketch.add(keys)
+    sketch.add(keys, keys)
     chosen = set(sketch.logits(query, 1.0)[0, 0].topk(64).indices.tolist())
     assert set(planted.tolist()) <= chosen
 
@@ -183,8 +184,8 @@ def test_sketch_logits_fast_path_equals_reference(bits, group):
     torch.manual_seed(bits * group)
     keys = torch.randn(1, 2, 4 * group, 32) + torch.randn(32) * 3
     sketch = KeySketch(bits, group=group, rotate=True)
-    sketch.add(keys[:, :, : 3 * group])
-    sketch.add(keys[:, :, 3 * group:])  # grown once: codes are a view of a buffer with spare room
+    sketch.add(keys[:, :, : 3 * group], keys[:, :, : 3 * group])
+    sketch.add(keys[:, :, 3 * group:], keys[:, :, 3 * group:])  # grown once: codes are a view of a buffer with spare room
     assert sketch.count == 4 * group
     for _ in range(3):
         query = torch.randn(1, 4, 1, 32)  # 2 query heads per KV head
@@ -200,7 +201,7 @@ def test_codes_are_the_token_packing_transposed_per_group():
     torch.manual_seed(0)
     keys = torch.randn(1, 2, 32, 16)
     sketch = KeySketch(2, group=8, rotate=False)
-    sketch.add(keys)
+    sketch.add(keys, keys)
     levels = sketch.codes_as_float()  # through the byte table, token by token
     assert torch.equal(sketch.packed_tokens(), pack_codes(levels, 2))
     assert sketch.codes.view().shape == (1, 2, 4, 4, 8)  # [batch, heads, groups, bytes per token, group]
@@ -226,6 +227,8 @@ def test_unpadded_fast_paths_equal_the_general_paths(monkeypatch, settings):
         fast, general = self.choose_unpadded(layer, query, scaling), self.choose_general(layer, query, scaling)
         if fast is not None:
             assert torch.equal(fast[0], general[0]) and torch.equal(fast[1], general[1])
+            sketched = fast[2].shape[-1]  # the unread logits: the same at the sketched slots, -inf after
+            assert torch.equal(fast[2], general[2][..., :sketched]) and bool((general[2][..., sketched:] == float("-inf")).all())
             compared.append(layer.seen)
         return plain_choose(self, layer, query, scaling)
 
@@ -264,7 +267,7 @@ def test_bytes_counted_are_the_bytes_held():
     _, cache = run_blocks(model, tiered(k=24), decode_blocks(prompt_len=100, steps=3))
     for layer in cache.selecting_layers:
         held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-                for sketch in layer.sketches for t in (sketch.codes.data, sketch.scales.data, sketch.zeros.data)}
+                for sketch in layer.sketches for t in (sketch.codes.data, sketch.scales.data, sketch.zeros.data, sketch.means.data)}
         held[layer.mask.untyped_storage().data_ptr()] = layer.mask.untyped_storage().nbytes()
         assert layer.kv_bytes == sum(held.values())
         assert layer.tier_bytes == layer.tier.keys.untyped_storage().nbytes() + layer.tier.values.untyped_storage().nbytes()
@@ -358,3 +361,42 @@ def test_window_quantizer_round_trip_within_half_a_step(bits):
     q = quantize_grouped(x, bits, 32)
     step = q.scale.float().repeat_interleave(32, dim=-1).reshape(1, 2, 30, 64)
     assert bool(((dequantize_grouped(q, torch.float32) - x).abs() <= step / 2 + 1e-3 * x.abs().max()).all())
+
+
+# ------------------------------------------------------------ the unread tail
+def test_extra_rows_are_exact_when_each_group_shares_one_value():
+    """A group's extra row carries the logsumexp of its unread logits and its mean value: when every
+    token of a group has the same value, reading some tokens plus those rows is full attention."""
+    from tokensift.selection import attend_gathered
+
+    torch.manual_seed(3)
+    kv_heads, q_heads, tokens, group, dim = 2, 4, 64, 8, 16
+    keys = torch.randn(1, kv_heads, tokens, dim)
+    values = torch.randn(1, kv_heads, tokens // group, 1, dim).expand(-1, -1, -1, group, -1).reshape(1, kv_heads, tokens, dim)
+    query = torch.randn(1, q_heads, 1, dim)
+    full = torch.nn.functional.scaled_dot_product_attention(query, keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1), scale=0.3)
+    logits = (query @ keys.repeat_interleave(2, 1).transpose(-1, -2))[:, :, 0] * 0.3  # [1, q_heads, tokens]
+    read = torch.stack([torch.randperm(tokens)[:20].sort().values for _ in range(q_heads)])[None]  # per query head
+    unread = logits.scatter(-1, read, float("-inf")).view(1, q_heads, tokens // group, group).logsumexp(-1)
+    means = values.view(1, kv_heads, tokens // group, group, dim).mean(3)
+    head_of = torch.arange(q_heads) // 2
+    gathered_keys = keys[0, head_of[:, None], read[0]][None]
+    gathered_values = values[0, head_of[:, None], read[0]][None]
+    ok = torch.ones(1, q_heads, 20, dtype=torch.bool)
+    ours = attend_gathered(query, gathered_keys, gathered_values, ok, 0.3, extra=(unread, means))
+    torch.testing.assert_close(ours[0, 0], full[0, :, 0], atol=1e-5, rtol=1e-5)
+    without = attend_gathered(query, gathered_keys, gathered_values, ok, 0.3)
+    assert (without[0, 0] - full[0, :, 0]).abs().max() > 1e-2  # dropping the unread tokens is not exact
+
+
+def test_tail_brings_decoding_closer_to_full():
+    model = tiny_llama()
+    blocks = decode_blocks(prompt_len=240, steps=8)
+    full, _ = run_blocks(model, build_policy("full"), blocks)
+
+    def distance(policy):
+        ours, _ = run_blocks(model, policy, blocks)
+        return (full[:, 240:].softmax(-1) - ours[:, 240:].softmax(-1)).abs().sum(-1).mean()
+
+    with_tail, without = distance(tiered(k=24, bits=8)), distance(tiered(k=24, bits=8, tail=False))
+    assert with_tail < 0.5 * without

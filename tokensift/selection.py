@@ -159,10 +159,11 @@ def gather_rows(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return rows.index_select(0, _flat_rows(tensor, index, stride)).view(*index.shape, tensor.shape[-1])
 
 
-def gather_attend(query, key, value, index, ok, scaling: float, query_valid=None) -> torch.Tensor:
+def gather_attend(query, key, value, index, ok, scaling: float, query_valid=None, extra=None) -> torch.Tensor:
     """SDPA of one query token over the gathered tokens ``index`` (``[batch, 1|kv|q heads, m]``).
 
-    ``ok`` (same shape) masks slots that hold nothing (padding, evicted). Returns ``[batch, 1, q_heads, dim]``.
+    ``ok`` (same shape) masks slots that hold nothing (padding, evicted); ``extra`` (optional)
+    adds rows of given logits (see :func:`attend_gathered`). Returns ``[batch, 1, q_heads, dim]``.
     """
     batch, kv_heads = query.shape[0], key.shape[1]
     if index.shape[1] == 1:
@@ -173,22 +174,44 @@ def gather_attend(query, key, value, index, ok, scaling: float, query_valid=None
     value_flat = flat if (value_stride, value.shape[:2]) == (key_stride, key.shape[:2]) else _flat_rows(value, index, value_stride)
     keys = key_rows.index_select(0, flat).view(*index.shape, key.shape[-1]).to(query.device)
     values = value_rows.index_select(0, value_flat).view(*index.shape, value.shape[-1]).to(query.device)
-    return attend_gathered(query, keys, values, ok, scaling, query_valid)
+    return attend_gathered(query, keys, values, ok, scaling, query_valid, extra)
 
 
-def attend_gathered(query, keys, values, ok, scaling: float, query_valid=None) -> torch.Tensor:
+def attend_gathered(query, keys, values, ok, scaling: float, query_valid=None, extra=None) -> torch.Tensor:
     """SDPA of one query token over gathered ``keys``/``values`` ``[batch, heads, m, dim]`` (``ok``
-    ``[batch, heads, m]`` masks empty slots); ``heads`` divides the query heads."""
+    ``[batch, heads, m]`` masks empty slots); ``heads`` divides the query heads.
+
+    ``extra``: ``(logits [batch, q_heads, n], values [batch, kv_heads, n, dim])``, rows that join the
+    softmax with those logits as they are (not ``q·k``): summaries of tokens not read."""
     batch, q_heads = query.shape[:2]
     heads = keys.shape[1]
     if query_valid is not None:
         ok = ok | ~query_valid[:, 0, None, None]  # padding queries: no empty rows
-    mask = None if bool(ok.all()) else ok[:, :, None, :]
     dim = query.shape[-1]
     # a KV head's query group attends as one block of rows (no K/V repeat, one mask row)
     packed = query.reshape(batch, heads, q_heads // heads, dim)
+    if extra is None:
+        mask = None if bool(ok.all()) else ok[:, :, None, :]
+    else:
+        keys, values, mask = with_extra_rows(keys, values, ok, extra, query.dtype)
     out = torch.nn.functional.scaled_dot_product_attention(packed, keys, values, attn_mask=mask, scale=scaling)
     return out.reshape(batch, 1, q_heads, dim)
+
+
+def with_extra_rows(keys, values, ok, extra, dtype):
+    """``keys``/``values`` ``[batch, heads, m, dim]`` with ``extra``'s rows appended (zero keys, its
+    values), and the additive mask ``[batch, heads, q_heads / heads, m + n]`` that gives the read rows
+    their own logits (-inf where not ``ok``) and the extra rows ``extra``'s logits."""
+    logits, extra_values = extra
+    batch, heads, rows, dim = keys.shape
+    per_head, added = logits.shape[1] // heads, logits.shape[-1]
+    extra_values = extra_values.to(values.dtype).repeat_interleave(heads // extra_values.shape[1], 1)
+    keys = torch.cat([keys, keys.new_zeros(batch, heads, added, dim)], 2)
+    values = torch.cat([values, extra_values], 2)
+    read = torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, NEG_INF)
+    mask = torch.cat([read[:, :, None, :].expand(batch, heads, per_head, rows),
+                      logits.to(dtype).view(batch, heads, per_head, added)], -1)
+    return keys, values, mask
 
 
 def dense_with_probs(layer, query, key, value, scaling: float):
@@ -208,8 +231,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cosine_similarity(a.float(), b.float(), dim=-1).mean(-1)
 
 
-def reuse_read(layer, query, key, value, query_valid, scaling, saved: dict) -> torch.Tensor:
-    """Read a stored selection (``saved["positions"]``, chosen at ``saved["seen"]``) + tokens added since."""
+def reuse_read(layer, query, key, value, query_valid, scaling, saved: dict, extra=None) -> torch.Tensor:
+    """Read a stored selection (``saved["positions"]``, chosen at ``saved["seen"]``) + tokens added
+    since (``extra``: as in :func:`gather_attend`)."""
     index, ok = positions_to_indices(layer, saved["positions"], saved["ok"])
     heads = index.shape[1]
     recent, recent_ok = recent_suffix(layer, saved["seen"])
@@ -219,7 +243,7 @@ def reuse_read(layer, query, key, value, query_valid, scaling, saved: dict) -> t
         valid = to_query_heads(valid, heads)
     index, ok = torch.cat([index, recent], -1), torch.cat([ok, recent_ok], -1)
     ok = ok & valid.gather(2, index)
-    return gather_attend(query, key, value, index, ok, scaling, query_valid)
+    return gather_attend(query, key, value, index, ok, scaling, query_valid, extra)
 
 
 def save_selection(layer, index: torch.Tensor, ok: torch.Tensor) -> dict:

@@ -7,8 +7,12 @@ Liu et al. 2024, arXiv:2402.02750: each channel of a group gets its own fp16 sca
 zero-point) at ``bits`` bits, packed into uint8. Scores are q·k against the dequantized sketch:
 they rank tokens (Quest, ShadowKV: a ranking tolerates coarse keys) and are never attended with.
 
-Memory per token and KV head: ``dim * bits / 8`` bytes of codes plus ``4 * dim / group`` bytes
-of scales and zero-points (2-bit, dim 64, group 128: 18 bytes, against 256 for bf16 K+V).
+Each group also keeps the mean of its tokens' values (fp16): the tiered read's estimate of what
+the tokens it does not read contribute (:meth:`tokensift.storage.tiered.TieredLayer.unread_groups`).
+
+Memory per token and KV head: ``dim * bits / 8`` bytes of codes plus ``6 * dim / group`` bytes
+of scales, zero-points and value means (2-bit, dim 64, group 128: 19 bytes, against 256 for
+bf16 K+V).
 """
 
 from __future__ import annotations
@@ -137,6 +141,7 @@ class KeySketch:
         self.codes = GrowingBuffer()  # uint8 [batch, heads, groups, dim * bits / 8, group]
         self.scales = GrowingBuffer()  # fp16 [batch, heads, groups, dim]
         self.zeros = GrowingBuffer()
+        self.means = GrowingBuffer()  # fp16 [batch, heads, groups, dim]: each group's mean value
 
     @property
     def count(self) -> int:
@@ -145,14 +150,15 @@ class KeySketch:
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes
+        return self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes + self.means.nbytes
 
     def _rotated(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
         return x @ rotation(x.shape[-1], x.device) if self.rotate else x
 
-    def add(self, keys: torch.Tensor) -> None:
-        """Sketch ``keys`` ``[batch, heads, n * group, dim]`` (real tokens only)."""
+    def add(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Sketch ``keys`` ``[batch, heads, n * group, dim]`` (real tokens only) and keep the mean of
+        each group's ``values`` (same shape)."""
         batch, heads, tokens, dim = keys.shape
         groups = tokens // self.group
         x = self._rotated(keys).view(batch, heads, groups, self.group, dim)
@@ -166,6 +172,8 @@ class KeySketch:
         self.codes.append(packed.transpose(-1, -2).contiguous(), spare_groups)
         self.scales.append(scale, spare_groups)
         self.zeros.append(zero, spare_groups)
+        grouped_values = values.float().view(batch, heads, groups, self.group, values.shape[-1])
+        self.means.append(grouped_values.mean(3).to(SCALE_DTYPE), spare_groups)
 
     def packed_tokens(self) -> torch.Tensor:
         """uint8 ``[batch, heads, count, dim * bits / 8]``: each token's packed bytes (a copy)."""
@@ -233,3 +241,4 @@ class KeySketch:
         self.codes.truncate(groups)
         self.scales.truncate(groups)
         self.zeros.truncate(groups)
+        self.means.truncate(groups)
