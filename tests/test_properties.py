@@ -249,7 +249,7 @@ def held_bytes(layer) -> int:
     tensors = [own.get(name) for name in ("keys", "values", "store_keys", "store_values", "tail_keys", "tail_values")
                if not is_tiered(layer)]
     for sketch in vars(layer).get("sketches") or []:
-        tensors += [sketch.codes.data, sketch.scales.data, sketch.zeros.data, sketch.means.data]
+        tensors += [buffer.data for buffer in sketch.buffers]
     tensors += [vars(layer).get("mask") if is_tiered(layer) else None]
     for codes in vars(layer).get("codes") or []:  # a quantized sliding window: (keys, values)
         tensors += [codes.packed, codes.scale, codes.zero]

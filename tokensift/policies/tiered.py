@@ -34,7 +34,7 @@ class Tiered(SparsePolicy):
     representation chooses which rows to fetch from host memory), Quest (Tang et al. 2024,
     arXiv:2406.10774: rank cheaply, attend exactly), KIVI (Liu et al. 2024, arXiv:2402.02750:
     keys quantized per channel) and QuaRot's Hadamard rotation (arXiv:2404.00456). Each
-    decode step scores every token against the sketch, reads the ``k`` best per query head
+    decode step scores every token against the sketch, reads the ``k`` best per KV head
     (sinks and the last ``window`` tokens forced in, plus the newest tokens not sketched yet)
     exactly from the second tier and attends over them, plus one row per sketch group standing for
     the group's tokens not read (their summed sketch weight, the group's mean value: RetroInfer's
@@ -45,7 +45,8 @@ class Tiered(SparsePolicy):
     Parameters
     ----------
     k : int
-        Tokens read per query head per decode step (``budget=`` is an alias).
+        Tokens read per KV head (per query head with ``share=False``) per decode step
+        (``budget=`` is an alias).
     bits : int, default 2
         Bits per sketch element: 2, 4 or 8.
     group : int, default 128
@@ -69,6 +70,10 @@ class Tiered(SparsePolicy):
         Add the unread tokens' estimated share to the attention (one row per sketch group) instead
         of dropping it. Without it a small model loses answers whose attention is spread over many
         tokens: on SmolLM2 at 4k, exact top-512 attention gets 3 of 4 such multi-needle prompts wrong.
+    share : bool, default True
+        Choose ``k`` tokens per KV head, read by all its query heads (ranked by the largest
+        attention probability any of them gives a token), instead of ``k`` per query head: a third
+        of the top-k and of the rows fetched with 3 query heads per KV head.
     refresh : int, default 1
         Decode steps one selection serves: the sketch is scored every ``refresh`` steps and the
         steps between read the same tokens plus those added since (1: score every step).
@@ -91,6 +96,7 @@ class Tiered(SparsePolicy):
     tier_dir: str | None = None
     refresh: int = 1
     tail: bool = True
+    share: bool = True
     window_bits: int = 4
     window_key_bits: int = 0
     window_group: int = 64
@@ -137,8 +143,8 @@ class Tiered(SparsePolicy):
                 return reuse_read(layer, query, key, value, query_valid, scaling, saved, saved["extra"])
             index, ok = self.reused_unpadded(layer, saved)
             return gather_attend(query, key, value, index, ok, scaling, query_valid, saved["extra"])
-        index, ok, unread = self.choose(layer, query, scaling)
-        extra = layer.unread_groups(unread) if self.tail else None
+        index, ok, weights, peak = self.choose(layer, query, scaling)
+        extra = layer.unread_groups(weights, peak) if self.tail else None
         count(layer, "fetched_rows", int(ok.sum()))
         if self.refresh > 1:  # every token is kept: positions are storage slots (what save_selection stores)
             layer.state[SELECTION] = {"positions": index, "ok": ok, "seen": layer.seen, "extra": extra}
@@ -152,24 +158,28 @@ class Tiered(SparsePolicy):
         return _then_slots(saved["positions"], saved["ok"], saved["seen"], layer.seen)
 
     def choose(self, layer, query, scaling):
-        """Storage indices ``[batch, q_heads, n]`` to read (and ``ok``): the sketch's top ``k`` per query
-        head (sinks and window forced in), then every real token not sketched yet; and the sketch
-        logits by slot with the tokens read set to -inf (what :meth:`TieredLayer.unread_groups` takes)."""
+        """What a decode step reads, ``(index, ok, weights, peak)``: storage indices ``[batch, heads, n]``
+        (``heads``: KV heads, or query heads with ``share=False``) of the sketch's top ``k`` (sinks and
+        window forced in), then every real token not sketched yet; and the sketch's attention
+        weights ``exp(logit - peak)`` per query head and slot with the tokens read set to 0 (what
+        :meth:`TieredLayer.unread_groups` sums up)."""
         chosen = self.choose_unpadded(layer, query, scaling)
         return chosen if chosen is not None else self.choose_general(layer, query, scaling)
 
     def choose_general(self, layer, query, scaling):
         """:meth:`choose` for any layer (padding, unequal sketches): masks over every slot."""
-        q_heads = query.shape[1]
         logits, sketched = layer.sketch_logits(query, scaling)
-        allowed = to_query_heads(layer.valid & sketched[:, None], q_heads)
-        forced = to_query_heads(forced_mask(layer), q_heads) & allowed
-        picked, picked_ok = top_k(logits, self.k, forced, allowed)
-        # a pick that is not ok means every allowed slot was picked: slot 0 is then picked or -inf already
-        unread = logits.scatter_(-1, picked.masked_fill(~picked_ok, 0), NEG_INF)
+        weights, peak = _weights(logits)
+        heads = layer.valid.shape[1] if self.share else query.shape[1]
+        allowed = to_query_heads(layer.valid & sketched[:, None], heads)
+        forced = to_query_heads(forced_mask(layer), heads) & allowed
+        picked, picked_ok = top_k(self.scores(logits, weights, heads), self.k, forced, allowed)
+        # a pick that is not ok means every allowed slot was picked: slot 0 is then picked or weighs 0 already
+        _forget_read(weights, picked.masked_fill(~picked_ok, 0))
         recent, recent_ok = layer.unsketched_slots()  # not sketched yet: always read
-        shape = (query.shape[0], q_heads, recent.shape[-1])
-        return torch.cat([picked, recent.expand(shape)], -1), torch.cat([picked_ok, recent_ok.expand(shape)], -1), unread
+        shape = (query.shape[0], heads, recent.shape[-1])
+        index, ok = torch.cat([picked, recent.expand(shape)], -1), torch.cat([picked_ok, recent_ok.expand(shape)], -1)
+        return index, ok, weights, peak
 
     def choose_unpadded(self, layer, query, scaling):
         """:meth:`choose` for a layer without padding whose sequences have sketched the same
@@ -177,7 +187,7 @@ class Tiered(SparsePolicy):
 
         Then slot == position == rank: the sketched slots are ``0..sketched``, the sinks the first
         ``n_sink`` slots and the window the last ``window`` ones, so the top ``k`` is taken over the
-        sketch's own logits with the forced slots set to +inf in place, the unsketched slots
+        sketch's own scores with the forced slots set to +inf in place, the unsketched slots
         ``sketched..seen`` are a range, and no ``seen``-long -inf tensor, mask or per-row loop is
         built. Same choice as :meth:`choose_general` (the same top ``k`` of the same scores).
         """
@@ -188,19 +198,48 @@ class Tiered(SparsePolicy):
         logits = layer.sketched_prefix_logits(query, scaling)
         if logits is None:
             return None
-        logits[..., :min(self.n_sink, sketched)] = POS_INF  # forced_mask: sinks, window, newest token
+        weights, peak = _weights(logits)
+        scores = self.scores(logits, weights, layer.keys.shape[1] if self.share else query.shape[1])
+        scores[..., :min(self.n_sink, sketched)] = POS_INF  # forced_mask: sinks, window, newest token
         start = min(seen - self.window, seen - 1)
         if start < sketched:
-            logits[..., max(start, 0):sketched] = POS_INF
-        values, index = logits.topk(k, dim=-1, sorted=False)
+            scores[..., max(start, 0):sketched] = POS_INF
+        values, index = scores.topk(k, dim=-1, sorted=False)
         index, order = index.sort(dim=-1)
-        unread = logits.scatter_(-1, index, NEG_INF)  # the forced slots (+inf) are among the read
-        return *_then_slots(index, values.gather(-1, order) > NEG_INF, sketched, seen), unread
+        _forget_read(weights, index)
+        return *_then_slots(index, values.gather(-1, order) > NEG_INF, sketched, seen), weights, peak
+
+    @staticmethod
+    def scores(logits: torch.Tensor, weights: torch.Tensor, heads: int) -> torch.Tensor:
+        """What the top ``k`` is taken over, ``[batch, heads, slots]`` (a new tensor or ``logits``, to be
+        overwritten): per query head its sketch logits; per KV head, the largest attention
+        probability any of its query heads gives the token (each head's weights over their sum)."""
+        batch, q_heads, slots = logits.shape
+        if heads == q_heads:
+            return logits
+        probabilities = weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
+        return probabilities.view(batch, heads, q_heads // heads, slots).amax(2)
 
     def describe(self) -> str:
         refresh = f",refresh={self.refresh}" if self.refresh > 1 else ""
         tail = "" if self.tail else ",no tail"
         return f"{self.name}(k={self.k},{self.bits}-bit,{self.tier}{refresh}{tail})"
+
+
+def _weights(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(exp(logits - peak), peak)`` with ``peak`` each row's largest logit (0 for a row without
+    any): attention weights up to each row's normalisation, no overflow."""
+    peak = logits.amax(-1, keepdim=True).nan_to_num(neginf=0.0)
+    return (logits - peak).exp_(), peak
+
+
+def _forget_read(weights: torch.Tensor, index: torch.Tensor) -> None:
+    """Set ``weights`` ``[batch, q_heads, slots]`` to 0 at the slots read, ``index`` ``[batch, heads, n]``
+    (``heads`` divides the query heads: a KV head's choice is read by each of its query heads)."""
+    batch, q_heads, slots = weights.shape
+    heads, n = index.shape[1:]
+    per_head = q_heads // heads
+    weights.view(batch, heads, per_head, slots).scatter_(-1, index[:, :, None].expand(batch, heads, per_head, n), 0.0)
 
 
 def _then_slots(index: torch.Tensor, ok: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:

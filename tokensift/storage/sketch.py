@@ -7,12 +7,13 @@ Liu et al. 2024, arXiv:2402.02750: each channel of a group gets its own fp16 sca
 zero-point) at ``bits`` bits, packed into uint8. Scores are q·k against the dequantized sketch:
 they rank tokens (Quest, ShadowKV: a ranking tolerates coarse keys) and are never attended with.
 
-Each group also keeps the mean of its tokens' values (fp16): the tiered read's estimate of what
-the tokens it does not read contribute (:meth:`tokensift.storage.tiered.TieredLayer.unread_groups`).
+Each group also keeps the mean of its tokens' values (8-bit codes, one fp16 scale and zero-point
+per group): the tiered read's estimate of what the tokens it does not read contribute
+(:meth:`tokensift.storage.tiered.TieredLayer.unread_groups`).
 
-Memory per token and KV head: ``dim * bits / 8`` bytes of codes plus ``6 * dim / group`` bytes
-of scales, zero-points and value means (2-bit, dim 64, group 128: 19 bytes, against 256 for
-bf16 K+V).
+Memory per token and KV head: ``dim * bits / 8`` bytes of codes plus ``(5 * dim + 4) / group``
+bytes of scales, zero-points and value means (2-bit, dim 64, group 128: 18.5 bytes, against 256
+for bf16 K+V).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import math
 
 import torch
 
-from tokensift.quant import EPS, SCALE_DTYPE, pack_codes
+from tokensift.quant import EPS, SCALE_DTYPE, pack_codes, quantize_tokens
+from tokensift.storage import sketch_native
 
 _ROTATIONS: dict[tuple, torch.Tensor] = {}
 _BYTE_LEVELS: dict[tuple, torch.Tensor] = {}
@@ -141,7 +143,9 @@ class KeySketch:
         self.codes = GrowingBuffer()  # uint8 [batch, heads, groups, dim * bits / 8, group]
         self.scales = GrowingBuffer()  # fp16 [batch, heads, groups, dim]
         self.zeros = GrowingBuffer()
-        self.means = GrowingBuffer()  # fp16 [batch, heads, groups, dim]: each group's mean value
+        self.mean_codes = GrowingBuffer()  # uint8 [batch, heads, groups, dim]: each group's mean value, 8-bit
+        self.mean_scales = GrowingBuffer()  # fp16 [batch, heads, groups, 1]
+        self.mean_zeros = GrowingBuffer()
 
     @property
     def count(self) -> int:
@@ -150,7 +154,12 @@ class KeySketch:
 
     @property
     def nbytes(self) -> int:
-        return self.codes.nbytes + self.scales.nbytes + self.zeros.nbytes + self.means.nbytes
+        return sum(buffer.nbytes for buffer in self.buffers)
+
+    @property
+    def buffers(self) -> tuple[GrowingBuffer, ...]:
+        """Every buffer the sketch holds."""
+        return self.codes, self.scales, self.zeros, self.mean_codes, self.mean_scales, self.mean_zeros
 
     def _rotated(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
@@ -168,12 +177,18 @@ class KeySketch:
         zero = low.to(SCALE_DTYPE)
         codes = ((x - zero.float()[:, :, :, None]) / scale.float()[:, :, :, None]).round().clamp(0, levels)
         packed = pack_codes(codes, self.bits)  # [batch, heads, groups, group, width]
-        spare_groups = max(1, groups // 16)
+        spare_groups = max(1, groups // 64)  # room to grow, counted as held
         self.codes.append(packed.transpose(-1, -2).contiguous(), spare_groups)
         self.scales.append(scale, spare_groups)
         self.zeros.append(zero, spare_groups)
-        grouped_values = values.float().view(batch, heads, groups, self.group, values.shape[-1])
-        self.means.append(grouped_values.mean(3).to(SCALE_DTYPE), spare_groups)
+        means = quantize_tokens(values.float().view(batch, heads, groups, self.group, values.shape[-1]).mean(3), 8)
+        self.mean_codes.append(means.packed, spare_groups)
+        self.mean_scales.append(means.scale, spare_groups)
+        self.mean_zeros.append(means.zero, spare_groups)
+
+    def value_means(self) -> torch.Tensor:
+        """fp32 ``[batch, heads, groups, dim]``: each group's mean value, as held (8-bit)."""
+        return self.mean_codes.view().float() * self.mean_scales.view().float() + self.mean_zeros.view().float()
 
     def packed_tokens(self) -> torch.Tensor:
         """uint8 ``[batch, heads, count, dim * bits / 8]``: each token's packed bytes (a copy)."""
@@ -213,13 +228,18 @@ class KeySketch:
         into the query, so the codes are multiplied as they are, never dequantized. The codes
         are unpacked by word shifts (:func:`unpack_slots`) straight into ``[dim, group]`` per group
         and multiplied as ``(q * scale) @ codes`` (a few query rows against ``group`` columns,
-        4x cheaper on this CPU than the transposed product). Equals :meth:`logits_reference` up to
+        4x cheaper on this CPU than the transposed product), or, on a CPU, by one compiled loop that
+        unpacks in registers (:mod:`tokensift.storage.sketch_native`). Equals :meth:`logits_reference` up to
         float rounding (the same products, summed in another order).
         """
         packed = self.codes.view()
         batch, kv_heads, groups, width, group = packed.shape
         q_heads = query.shape[1]
         weights, offset = self._scaled_query(query, scaling)
+        if sketch_native.wanted(packed):
+            compiled = sketch_native.scores(packed, weights, offset, self.bits)
+            if compiled is not None:
+                return compiled
         codes = unpack_slots(packed, self.bits).to(torch.float32).view(batch, kv_heads, groups, -1, group)
         logits = torch.matmul(weights, codes) + offset  # [batch, kv_heads, groups, query group, group]
         return logits.permute(0, 1, 3, 2, 4).reshape(batch, q_heads, groups * group)
@@ -241,4 +261,5 @@ class KeySketch:
         self.codes.truncate(groups)
         self.scales.truncate(groups)
         self.zeros.truncate(groups)
-        self.means.truncate(groups)
+        for buffer in (self.mean_codes, self.mean_scales, self.mean_zeros):
+            buffer.truncate(groups)

@@ -216,40 +216,40 @@ class TieredLayer(SelectingLayer):
             return self.sketches[0].logits(query, scaling)
         return torch.cat([sketch.logits(query[row:row + 1], scaling) for row, sketch in enumerate(self.sketches)])
 
-    def unread_groups(self, unread: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def unread_groups(self, weights: torch.Tensor, peak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The sketched tokens a decode step does not read, summed up per sketch group: one extra
         row per group for the attention (RetroInfer's estimated middle tier, arXiv:2505.02922).
 
-        ``unread``: sketch logits ``[batch, q_heads, n]`` by slot (``n`` covers every sketched slot)
-        with the tokens read set to -inf. A group's row has the group's mean value and the logit
-        ``logsumexp`` of its unread tokens' logits, so in the softmax it weighs what those tokens
-        would weigh together, each contributing the group's mean value. Returns ``(logits [batch,
-        q_heads, groups], values [batch, kv_heads, groups, dim])`` (a row without sketch, or with
-        fewer groups, gets -inf), or None when every sketched token is read.
+        ``weights``: ``exp(sketch logit - peak)`` ``[batch, q_heads, n]`` by slot (``n`` covers every
+        sketched slot; ``peak`` ``[batch, q_heads, 1]``), 0 at the tokens read. A group's row has the
+        group's mean value and the logit ``log(sum of its unread weights) + peak``, so in the
+        softmax it weighs what those tokens would weigh together, each contributing the group's
+        mean value. Returns ``(logits [batch, q_heads, groups], values [batch, kv_heads, groups,
+        dim])`` (a row without sketch, or with fewer groups, gets -inf), or None when every
+        sketched token is read.
         """
         groups = max(sketch.count // sketch.group for sketch in self.sketches)
         if groups == 0:
             return None
-        batch, q_heads = unread.shape[:2]
+        batch, q_heads = weights.shape[:2]
         if batch == 1 and not self.padded:  # slot == rank: the sketched tokens are slots 0..count
-            logits = self._group_logsumexp(unread[:, :, : self.sketches[0].count])
-            means = self.sketches[0].means.view()
+            mass = self._group_sums(weights[:, :, : self.sketches[0].count])
+            means = self.sketches[0].value_means()
         else:
-            logits = unread.new_full((batch, q_heads, groups), float("-inf"))
-            means = self.sketches[0].means.data.new_zeros(batch, self.keys.shape[1], groups, self.keys.shape[-1])
+            mass = weights.new_zeros(batch, q_heads, groups)
+            means = weights.new_zeros(batch, self.keys.shape[1], groups, self.keys.shape[-1])
             for row, (sketch, slots) in enumerate(zip(self.sketches, self._implicit()["real_slots"])):
                 if sketch.count:
                     count = sketch.count // sketch.group
-                    logits[row:row + 1, :, :count] = self._group_logsumexp(unread[row:row + 1, :, slots[: sketch.count]])
-                    means[row, :, :count] = sketch.means.view()[0]
-        if bool(torch.isinf(logits).all()):  # every sketched token read: attention over the rows alone
+                    mass[row:row + 1, :, :count] = self._group_sums(weights[row:row + 1, :, slots[: sketch.count]])
+                    means[row, :, :count] = sketch.value_means()[0]
+        if not bool(mass.any()):  # every sketched token read: attention over the rows alone
             return None
-        return logits, means
+        return mass.log_() + peak, means
 
-    def _group_logsumexp(self, logits: torch.Tensor) -> torch.Tensor:
+    def _group_sums(self, weights: torch.Tensor) -> torch.Tensor:
         """``[batch, q_heads, groups * group]`` -> ``[batch, q_heads, groups]``."""
-        group = self.sketches[0].group
-        return logits.view(*logits.shape[:2], -1, group).logsumexp(-1)
+        return weights.view(*weights.shape[:2], -1, self.sketches[0].group).sum(-1)
 
     def unsketched_slots(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``[batch, 1, n]`` slots of each sequence's real tokens not sketched yet (padded, ``ok`` False)."""
