@@ -223,7 +223,8 @@ class Tiered(SparsePolicy):
     def describe(self) -> str:
         refresh = f",refresh={self.refresh}" if self.refresh > 1 else ""
         tail = "" if self.tail else ",no tail"
-        return f"{self.name}(k={self.k},{self.bits}-bit,{self.tier}{refresh}{tail})"
+        per = "" if self.share else ",k per query head"
+        return f"{self.name}(k={self.k},{self.bits}-bit,{self.tier}{per}{refresh}{tail})"
 
 
 def _weights(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
