@@ -356,12 +356,13 @@ def test_found_examples(scenario):
 @st.composite
 def tiered_scenarios(draw, folder: str):
     """``tiered`` with its own settings drawn too: sketch bits and group, rotation, tier kind,
-    refresh, quantized windows (Gemma 3), over the usual batches, prefills and decode steps."""
+    refresh, the unread tail, k per KV or query head, quantized windows (Gemma 3), over the usual batches, prefills and decode steps."""
     lengths = draw(st.lists(st.integers(1, 400), min_size=1, max_size=4))
     params = dict(k=draw(st.integers(1, 80)), n_sink=draw(st.integers(0, 4)), window=draw(st.integers(0, 8)),
                   interval=draw(st.integers(1, 3)), group=draw(st.sampled_from([1, 3, 16, 32, 128])),
                   bits=draw(st.sampled_from([2, 4, 8])), rotate=draw(st.booleans()),
                   tier=draw(st.sampled_from(["file", "host"])), tier_dir=folder, refresh=draw(st.integers(1, 3)),
+                  tail=draw(st.booleans()), share=draw(st.booleans()),
                   window_bits=draw(st.sampled_from([0, 2, 4, 8])), window_key_bits=draw(st.sampled_from([0, 8])),
                   window_group=draw(st.sampled_from([8, 16, 64])))
     chunk = draw(st.one_of(st.none(), st.integers(max(1, max(lengths) // 8), max(lengths))))
