@@ -199,3 +199,17 @@ def test_exit_watchdog_ends_a_process_whose_shutdown_hangs():
     """)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "shutdown took over" in done.stderr
+
+
+def test_two_processes_publishing_the_same_conversion_keep_one_copy(tmp_path):
+    """Parallel bench workers on a fresh machine convert the model at once; neither may fail."""
+    from tokensift.models import private_partial, publish
+
+    target = tmp_path / "model"
+    for content in ("first", "second"):
+        partial = private_partial(target).with_suffix(f".{content}")
+        partial.mkdir()
+        (partial / "config.json").write_text(content)
+        publish(partial, target)
+        assert not partial.exists()
+    assert (target / "config.json").read_text() == "first"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -52,8 +53,26 @@ def gemma3_gguf() -> Path:
     target = cache_root() / "gguf" / gemma.MODEL_NAME
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        gemma.assemble(target)
+        partial = private_partial(target)
+        gemma.assemble(partial)
+        publish(partial, target)
     return target
+
+
+def private_partial(target: Path) -> Path:
+    """A path beside ``target`` that no other process writes (parallel bench workers convert at once)."""
+    return target.with_name(f"{target.name}.partial-{os.getpid()}")
+
+
+def publish(partial: Path, target: Path) -> None:
+    """Move a finished ``partial`` to ``target``; if another process got there first, keep theirs."""
+    try:
+        partial.rename(target)
+    except OSError:
+        if not target.exists():
+            raise
+    if partial.exists():
+        shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
 
 
 def file_sha256(path: Path) -> str:
@@ -77,10 +96,10 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     plain = type(loaded)(loaded.config)  # save_pretrained refuses GGUF-loaded models
     plain.load_state_dict(loaded.state_dict())
-    partial = target.with_name(target.name + ".partial")
+    partial = private_partial(target)
     plain.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    partial.rename(target)
+    publish(partial, target)
 
 
 def resolve_source(name: str | None) -> tuple[str, dict]:
