@@ -238,6 +238,7 @@ def test_unpadded_fast_paths_equal_the_general_paths(monkeypatch, settings):
         return plain_choose(self, layer, query, scaling)
 
     policy = build_policy("tiered", **settings)
+    monkeypatch.setattr(Tiered, "choose_compiled", lambda self, layer, query, scaling: None)  # the PyTorch paths
     with monkeypatch.context() as patch:
         patch.setattr(Tiered, "choose", checking_choose)
         fast, fast_cache = run_blocks(model, policy, blocks)
@@ -424,3 +425,40 @@ def test_compiled_scores_equal_the_eager_ones(monkeypatch, bits, group):
     eager = sketch.logits(query, 0.125)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-4)
     assert torch.equal(compiled.topk(group).indices.sort().values, eager.topk(group).indices.sort().values)
+
+
+@pytest.mark.parametrize("settings", [
+    {"k": 40},
+    {"k": 40, "share": False},
+    {"k": 30, "window": 12},  # the window reaches into sketched slots
+    {"k": 24, "n_sink": 0, "window": 0, "bits": 4},
+    {"k": 18, "n_sink": 6, "window": 10, "bits": 8},  # forced slots fill most of k
+])
+def test_compiled_choice_equals_the_pytorch_one(monkeypatch, settings):
+    """One compiled call per layer and step (scores, weights, top k, unread group sums) chooses
+    what :meth:`Tiered.choose_unpadded` chooses and sums the same unread weights."""
+    from tokensift.policies.tiered import Tiered
+    from tokensift.storage import sketch_native
+
+    if sketch_native.module() is None:
+        pytest.skip("the sketch kernel cannot be built here (no C++ compiler or OpenMP)")
+    model = tiny_llama()
+    compared = []
+    plain_choose = Tiered.choose
+
+    def checking_choose(self, layer, query, scaling):
+        compiled = self.choose_compiled(layer, query, scaling)
+        eager = self.choose_unpadded(layer, query, scaling)
+        assert (compiled is None) == (eager is None)
+        if compiled is not None:
+            index, ok, weights, peak = eager
+            assert torch.equal(compiled[0], index) and torch.equal(compiled[1], ok)
+            torch.testing.assert_close(compiled[2], layer.unread_mass(weights), rtol=1e-5, atol=1e-6)
+            assert torch.equal(compiled[3], peak)
+            compared.append(layer.seen)
+        return plain_choose(self, layer, query, scaling)
+
+    settings = {"n_sink": 2, "window": 4, "group": 8} | settings
+    monkeypatch.setattr(Tiered, "choose", checking_choose)
+    run_blocks(model, build_policy("tiered", **settings), decode_blocks(prompt_len=120, steps=8))
+    assert compared

@@ -143,8 +143,8 @@ class Tiered(SparsePolicy):
                 return reuse_read(layer, query, key, value, query_valid, scaling, saved, saved["extra"])
             index, ok = self.reused_unpadded(layer, saved)
             return gather_attend(query, key, value, index, ok, scaling, query_valid, saved["extra"])
-        index, ok, weights, peak = self.choose(layer, query, scaling)
-        extra = layer.unread_groups(weights, peak) if self.tail else None
+        index, ok, mass, peak = self.choose(layer, query, scaling)
+        extra = layer.unread_rows(mass, peak) if self.tail else None
         count(layer, "fetched_rows", int(ok.sum()))
         if self.refresh > 1:  # every token is kept: positions are storage slots (what save_selection stores)
             layer.state[SELECTION] = {"positions": index, "ok": ok, "seen": layer.seen, "extra": extra}
@@ -158,13 +158,35 @@ class Tiered(SparsePolicy):
         return _then_slots(saved["positions"], saved["ok"], saved["seen"], layer.seen)
 
     def choose(self, layer, query, scaling):
-        """What a decode step reads, ``(index, ok, weights, peak)``: storage indices ``[batch, heads, n]``
+        """What a decode step reads, ``(index, ok, mass, peak)``: storage indices ``[batch, heads, n]``
         (``heads``: KV heads, or query heads with ``share=False``) of the sketch's top ``k`` (sinks and
         window forced in), then every real token not sketched yet; and the sketch's attention
-        weights ``exp(logit - peak)`` per query head and slot with the tokens read set to 0 (what
-        :meth:`TieredLayer.unread_groups` sums up)."""
-        chosen = self.choose_unpadded(layer, query, scaling)
-        return chosen if chosen is not None else self.choose_general(layer, query, scaling)
+        weights ``exp(logit - peak)`` of the tokens not read, summed per query head and sketch group
+        (what :meth:`TieredLayer.unread_rows` attends; None with ``tail=False`` on the eager paths).
+        One compiled call where it runs (:meth:`choose_compiled`), else PyTorch ops."""
+        compiled = self.choose_compiled(layer, query, scaling)
+        if compiled is not None:
+            return compiled
+        chosen = self.choose_unpadded(layer, query, scaling) or self.choose_general(layer, query, scaling)
+        index, ok, weights, peak = chosen
+        return index, ok, layer.unread_mass(weights) if self.tail else None, peak
+
+    def choose_compiled(self, layer, query, scaling):
+        """:meth:`choose` for one unpadded sequence on a CPU, in one call to the compiled sketch
+        kernel (scores, weights, top ``k``, group sums; the choice :meth:`choose_unpadded` makes, up
+        to float rounding of the weights), or None where it does not apply."""
+        if layer.padded or len(layer.sketches) != 1:
+            return None
+        seen, sketched, k = layer.seen, layer.sketches[0].count, min(self.k, layer.seen)
+        sinks, start = min(self.n_sink, sketched), min(seen - self.window, seen - 1)
+        forced_from = max(start, 0) if start < sketched else sketched
+        if k > sketched or sinks + max(0, sketched - max(forced_from, sinks)) > k:
+            return None
+        chosen = layer.sketches[0].choose_compiled(query, scaling, k, sinks, forced_from, self.share)
+        if chosen is None:
+            return None
+        index, mass, peak = chosen
+        return *_then_slots(index, torch.ones_like(index, dtype=torch.bool), sketched, seen), mass, peak
 
     def choose_general(self, layer, query, scaling):
         """:meth:`choose` for any layer (padding, unequal sketches): masks over every slot."""

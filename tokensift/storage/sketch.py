@@ -9,7 +9,7 @@ they rank tokens (Quest, ShadowKV: a ranking tolerates coarse keys) and are neve
 
 Each group also keeps the mean of its tokens' values (8-bit codes, one fp16 scale and zero-point
 per group): the tiered read's estimate of what the tokens it does not read contribute
-(:meth:`tokensift.storage.tiered.TieredLayer.unread_groups`).
+(:meth:`tokensift.storage.tiered.TieredLayer.unread_rows`).
 
 Memory per token and KV head: ``dim * bits / 8`` bytes of codes plus ``(5 * dim + 4) / group``
 bytes of scales, zero-points and value means (2-bit, dim 64, group 128: 18.5 bytes, against 256
@@ -243,6 +243,16 @@ class KeySketch:
         codes = unpack_slots(packed, self.bits).to(torch.float32).view(batch, kv_heads, groups, -1, group)
         logits = torch.matmul(weights, codes) + offset  # [batch, kv_heads, groups, query group, group]
         return logits.permute(0, 1, 3, 2, 4).reshape(batch, q_heads, groups * group)
+
+    def choose_compiled(self, query: torch.Tensor, scaling: float, k: int, sinks: int, forced_from: int,
+                        share: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A decode step's top ``k`` over this (one-sequence, CPU) sketch and the unread weight per
+        group, in one compiled call (:func:`sketch_native.choose`); None where it does not run."""
+        packed = self.codes.view()
+        if packed.shape[0] != 1 or not sketch_native.wanted(packed) or sketch_native.module() is None:
+            return None
+        weights, offset = self._scaled_query(query, scaling)
+        return sketch_native.choose(packed, weights, offset, self.bits, k, sinks, forced_from, share)
 
     def logits_reference(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """:meth:`logits` computed the plain way (codes through a byte table, ``codes @ (q *

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("sketch_kernel.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp"]
+FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-fopenmp"]
 _loaded: dict[str, object] = {}
 
 
@@ -77,3 +77,17 @@ def scores(codes: torch.Tensor, weights: torch.Tensor, offset: torch.Tensor, bit
     if compiled is None:
         return None
     return compiled.sketch_scores(codes, weights.contiguous(), offset.squeeze(-1).contiguous(), bits)
+
+
+def choose(codes: torch.Tensor, weights: torch.Tensor, offset: torch.Tensor, bits: int, k: int, sinks: int,
+           forced_from: int, share: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """One sequence's decode-step choice in one call, or None without the kernel: ``(index``
+    int64 ``[1, heads or q_heads, k]`` ascending, ``mass`` ``[1, q_heads, groups]`` the unread weight
+    ``exp(logit - peak)`` per group, ``peak`` ``[1, q_heads, 1])``. Slots below ``sinks`` and from
+    ``forced_from`` on are always chosen (at most ``k`` of them). Arguments as for :func:`scores`."""
+    compiled = module()
+    if compiled is None:
+        return None
+    index, mass, peak = compiled.sketch_choose(codes, weights.contiguous(), offset.squeeze(-1).contiguous(), bits,
+                                               k, sinks, forced_from, share)
+    return index, mass, peak

@@ -216,35 +216,43 @@ class TieredLayer(SelectingLayer):
             return self.sketches[0].logits(query, scaling)
         return torch.cat([sketch.logits(query[row:row + 1], scaling) for row, sketch in enumerate(self.sketches)])
 
-    def unread_groups(self, weights: torch.Tensor, peak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """The sketched tokens a decode step does not read, summed up per sketch group: one extra
-        row per group for the attention (RetroInfer's estimated middle tier, arXiv:2505.02922).
-
-        ``weights``: ``exp(sketch logit - peak)`` ``[batch, q_heads, n]`` by slot (``n`` covers every
-        sketched slot; ``peak`` ``[batch, q_heads, 1]``), 0 at the tokens read. A group's row has the
-        group's mean value and the logit ``log(sum of its unread weights) + peak``, so in the
-        softmax it weighs what those tokens would weigh together, each contributing the group's
-        mean value. Returns ``(logits [batch, q_heads, groups], values [batch, kv_heads, groups,
-        dim])`` (a row without sketch, or with fewer groups, gets -inf), or None when every
-        sketched token is read.
-        """
+    def unread_mass(self, weights: torch.Tensor) -> torch.Tensor:
+        """The weight of the sketched tokens a decode step does not read, summed per sketch group:
+        ``weights`` ``exp(sketch logit - peak)`` ``[batch, q_heads, n]`` by slot (``n`` covers every
+        sketched slot), 0 at the tokens read -> ``[batch, q_heads, groups]`` (0 past a row's groups)."""
         groups = max(sketch.count // sketch.group for sketch in self.sketches)
-        if groups == 0:
-            return None
         batch, q_heads = weights.shape[:2]
+        if groups == 0:
+            return weights.new_zeros(batch, q_heads, 0)
         if batch == 1 and not self.padded:  # slot == rank: the sketched tokens are slots 0..count
-            mass = self._group_sums(weights[:, :, : self.sketches[0].count])
+            return self._group_sums(weights[:, :, : self.sketches[0].count])
+        mass = weights.new_zeros(batch, q_heads, groups)
+        for row, (sketch, slots) in enumerate(zip(self.sketches, self._implicit()["real_slots"])):
+            if sketch.count:
+                count = sketch.count // sketch.group
+                mass[row:row + 1, :, :count] = self._group_sums(weights[row:row + 1, :, slots[: sketch.count]])
+        return mass
+
+    def unread_rows(self, mass: torch.Tensor, peak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The sketched tokens a decode step does not read, as one extra attention row per sketch
+        group (RetroInfer's estimated middle tier, arXiv:2505.02922).
+
+        ``mass``: :meth:`unread_mass` (overwritten); ``peak`` ``[batch, q_heads, 1]`` the logit the
+        weights are relative to. A group's row has the group's mean value and the logit ``log(mass)
+        + peak``, so in the softmax it weighs what those tokens would weigh together, each
+        contributing the group's mean value. Returns ``(logits [batch, q_heads, groups], values
+        [batch, kv_heads, groups, dim])`` (a row without sketch, or with fewer groups, gets -inf), or
+        None when every sketched token is read (or nothing is sketched).
+        """
+        if mass.shape[-1] == 0 or not bool(mass.any()):  # attention over the rows alone
+            return None
+        if mass.shape[0] == 1 and not self.padded:
             means = self.sketches[0].value_means()
         else:
-            mass = weights.new_zeros(batch, q_heads, groups)
-            means = weights.new_zeros(batch, self.keys.shape[1], groups, self.keys.shape[-1])
-            for row, (sketch, slots) in enumerate(zip(self.sketches, self._implicit()["real_slots"])):
+            means = mass.new_zeros(mass.shape[0], self.keys.shape[1], mass.shape[-1], self.keys.shape[-1])
+            for row, sketch in enumerate(self.sketches):
                 if sketch.count:
-                    count = sketch.count // sketch.group
-                    mass[row:row + 1, :, :count] = self._group_sums(weights[row:row + 1, :, slots[: sketch.count]])
-                    means[row, :, :count] = sketch.value_means()[0]
-        if not bool(mass.any()):  # every sketched token read: attention over the rows alone
-            return None
+                    means[row, :, : sketch.count // sketch.group] = sketch.value_means()[0]
         return mass.log_() + peak, means
 
     def _group_sums(self, weights: torch.Tensor) -> torch.Tensor:
