@@ -246,7 +246,15 @@ class Tiered(SparsePolicy):
         refresh = f",refresh={self.refresh}" if self.refresh > 1 else ""
         tail = "" if self.tail else ",no tail"
         per = "" if self.share else ",k per query head"
-        return f"{self.name}(k={self.k},{self.bits}-bit,{self.tier}{per}{refresh}{tail})"
+        return f"{self.name}(k={self.k},{self.bits}-bit,{self.tier}{per}{refresh}{tail}{self._describe_windows()})"
+
+    def _describe_windows(self) -> str:
+        """The sliding-window precision when it is not the default 4-bit keys and values."""
+        if not self.window_bits:
+            return ",exact windows"
+        if self.window_bits == 4 and self.window_key_bits in (0, 4):
+            return ""
+        return f",windows {self.window_key_bits or self.window_bits}/{self.window_bits}-bit"
 
 
 def _weights(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

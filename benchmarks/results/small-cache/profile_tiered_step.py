@@ -26,7 +26,7 @@ def recording_for(model, tokenizer, length: int):
     from tokensift.bench.replay import Recording, record_prefill
     from tokensift.bench.small_cache import prompt
 
-    path = Path(f"/tmp/tiered_profile_recording_{length}.pt")
+    path = Path(f"/tmp/tiered_profile_recording_{model.config.model_type}_{length}.pt")
     if path.exists():
         saved = torch.load(path)
         return Recording(saved["keys"], saved["values"], saved["queries"], saved["logits"], saved["input_ids"])
@@ -42,6 +42,7 @@ def timed_functions():
     import tokensift.selection as selection
     from tokensift.storage import sketch as sketch_module
     from tokensift.storage import tiered as tiered_module
+    from tokensift.storage import window as window_module
 
     totals: dict[str, list[float]] = defaultdict(list)
 
@@ -59,11 +60,14 @@ def timed_functions():
 
     wrap(policy_module.Tiered, "read", "Tiered.read (whole sparse read)")
     wrap(policy_module.Tiered, "choose", "Tiered.choose")
+    wrap(policy_module.Tiered, "choose_compiled", "Tiered.choose_compiled")
+    wrap(tiered_module.TieredLayer, "unread_rows", "TieredLayer.unread_rows (tail)")
     wrap(tiered_module.TieredLayer, "sketch_logits", "TieredLayer.sketch_logits")
     wrap(sketch_module.KeySketch, "logits", "KeySketch.logits")
     wrap(tiered_module.TieredLayer, "unsketched_slots", "TieredLayer.unsketched_slots")
     wrap(tiered_module.TieredLayer, "update", "TieredLayer.update (tier write)")
     wrap(tiered_module.TieredLayer, "enforce_budget", "TieredLayer.enforce_budget")
+    wrap(window_module.QuantizedWindowLayer, "update", "QuantizedWindowLayer.update (sliding layers)")
     for module in (policy_module, selection):
         for name in ("top_k", "gather_attend", "forced_mask", "to_query_heads", "reuse_read", "save_selection"):
             if hasattr(module, name):
@@ -76,6 +80,7 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=8000)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--policies", default="full;tiered(k=500);tiered(k=500,refresh=4)")
+    parser.add_argument("--model", default=None, help="smollm2 (default) or gemma3")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     args = parser.parse_args()
@@ -91,7 +96,7 @@ def main() -> None:
     import tokensift
 
     print("tokensift from", os.path.dirname(tokensift.__file__), "threads", torch.get_num_threads())
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(args.model)
     expressions = args.policies.split(";")
     totals = timed_functions() if args.profile else None
     with packed_linears(model), torch.inference_mode():
