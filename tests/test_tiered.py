@@ -359,6 +359,55 @@ def test_gemma3_window_keys_at_more_bits_than_values():
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
+def test_window_ring_compiled_equals_eager(monkeypatch, bits):
+    """The ring's compiled dequantize (oldest first) and in-place quantize give the eager numbers."""
+    from tokensift.storage.window import dequantize_grouped, dequantize_ring, in_order, quantize_grouped, replace_oldest
+
+    torch.manual_seed(bits)
+    rings = [quantize_grouped(torch.randn(2, 3, 20, 128) * 3, bits, 64) for _ in range(2)]
+    rings[1].packed, rings[1].scale, rings[1].zero = rings[0].packed.clone(), rings[0].scale.clone(), rings[0].zero.clone()
+    token = torch.randn(2, 3, 1, 128) * 5
+    replace_oldest(rings[0], token, 7, 64)
+    compiled = dequantize_ring(rings[0], 8, torch.float32)
+    monkeypatch.setenv("TOKENSIFT_NATIVE", "0")
+    replace_oldest(rings[1], token, 7, 64)
+    assert all(torch.equal(a, b) for a, b in zip((rings[0].packed, rings[0].scale, rings[0].zero),
+                                                 (rings[1].packed, rings[1].scale, rings[1].zero)))
+    assert torch.equal(compiled, dequantize_ring(rings[1], 8, torch.float32))
+    assert torch.equal(compiled, dequantize_grouped(in_order(rings[1], 8), torch.float32))
+    assert torch.equal(compiled[:, :, -1:], dequantize_grouped(quantize_grouped(token, bits, 64), torch.float32))
+
+
+def test_window_ring_keeps_padded_rows_in_order(monkeypatch):
+    """A full quantized window is a ring (each decode token replaces the oldest in place); with
+    left padding the masked slots must stay where transformers' mask expects them, so a padded
+    batch decodes exactly as with the window re-concatenated every step."""
+    from conftest import tiny_gemma3
+    from tokensift.storage.window import QuantizedWindowLayer
+
+    model = tiny_gemma3()
+    ids, mask = left_pad([random_ids(n, seed=n)[0].tolist() for n in (20, 9)], pad_id=0)
+
+    def decode(policy):
+        cache, logits = make_cache(model, policy), []
+        with torch.inference_mode():
+            out = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            step_mask = mask
+            for step in range(24):  # past the 16-token window: the ring wraps
+                step_mask = torch.cat([step_mask, torch.ones(2, 1, dtype=step_mask.dtype)], 1)
+                out = model(out.logits[:, -1:].argmax(-1), attention_mask=step_mask, past_key_values=cache, use_cache=True)
+                logits.append(out.logits)
+        return torch.cat(logits, 1), cache
+
+    ring, cache = decode(tiered(k=100, window_bits=8, window_key_bits=8))
+    starts = {layer.start for layer in cache.layers if isinstance(layer, QuantizedWindowLayer)}
+    assert starts - {0}  # the ring moved
+    monkeypatch.setattr(QuantizedWindowLayer, "replaces_oldest", lambda self, kept, fresh: False)
+    concatenated, _ = decode(tiered(k=100, window_bits=8, window_key_bits=8))
+    assert torch.equal(ring, concatenated)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
 def test_window_quantizer_round_trip_within_half_a_step(bits):
     from tokensift.storage.window import dequantize_grouped, quantize_grouped
 

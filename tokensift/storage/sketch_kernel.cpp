@@ -252,7 +252,107 @@ std::vector<torch::Tensor> sketch_choose(torch::Tensor codes, torch::Tensor weig
   return {index, mass, peak};
 }
 
+// A sliding window held as grouped low-bit codes in a ring (window.py): fp32 [batch, heads, n, groups * group]
+// with token i = ring slot (start + i) % n, each value code * scale + zero exactly as the eager
+// dequantize computes it (a product, then a sum: no fused multiply-add).
+// packed uint8 [batch, heads, n, groups, group * bits / 8]; scale, zero fp16 [batch, heads, n, groups, 1]
+template <int BITS>
+__attribute__((optimize("fp-contract=off")))
+static void dequantize_token(const uint8_t* __restrict__ packed, const at::Half* scale, const at::Half* zero,
+                             float* __restrict__ out, int64_t groups, int64_t group) {
+  constexpr int PER_BYTE = 8 / BITS, MASK = (1 << BITS) - 1;
+  for (int64_t g = 0; g < groups; ++g) {
+    const float step = static_cast<float>(scale[g]), low = static_cast<float>(zero[g]);
+    const uint8_t* __restrict__ bytes = packed + g * (group / PER_BYTE);
+    float* __restrict__ values = out + g * group;
+    for (int64_t c = 0; c < group; ++c) {
+      const float product = static_cast<float>((bytes[c / PER_BYTE] >> ((c % PER_BYTE) * BITS)) & MASK) * step;
+      values[c] = product + low;
+    }
+  }
+}
+
+torch::Tensor dequantize_ring(torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, int64_t bits, int64_t start) {
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 5 && packed.is_contiguous(),
+              "packed: contiguous uint8 [batch, heads, n, groups, bytes]");
+  TORCH_CHECK(scale.scalar_type() == torch::kHalf && zero.scalar_type() == torch::kHalf && scale.is_contiguous() &&
+              zero.is_contiguous() && scale.numel() == packed.numel() / packed.size(4) && zero.numel() == scale.numel(),
+              "scale, zero: contiguous fp16 [batch, heads, n, groups, 1]");
+  const int64_t rows = packed.size(0) * packed.size(1), n = packed.size(2), groups = packed.size(3), width = packed.size(4);
+  TORCH_CHECK(n > 0 && start >= 0 && start < n, "start must index the ring");
+  const int64_t dim = groups * width * (8 / bits);
+  auto out = torch::empty({packed.size(0), packed.size(1), n, dim}, packed.options().dtype(torch::kFloat32));
+  const uint8_t* all_packed = packed.data_ptr<uint8_t>();
+  const at::Half* all_scale = scale.data_ptr<at::Half>();
+  const at::Half* all_zero = zero.data_ptr<at::Half>();
+  float* all_out = out.data_ptr<float>();
+  at::parallel_for(0, rows * n, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t row = item / n, token = item % n, slot = row * n + (start + token) % n;
+      const uint8_t* codes = all_packed + slot * groups * width;
+      const at::Half *step = all_scale + slot * groups, *low = all_zero + slot * groups;
+      float* values = all_out + item * dim;
+      if (bits == 2) dequantize_token<2>(codes, step, low, values, groups, dim / groups);
+      else if (bits == 4) dequantize_token<4>(codes, step, low, values, groups, dim / groups);
+      else dequantize_token<8>(codes, step, low, values, groups, dim / groups);
+    }
+  });
+  return out;
+}
+
+// Quantize one new token per row into ring slot `slot` in place, as quant.py's quantize_tokens does
+// per group of `group` channels: fp16 scale (max - min) / levels (at least eps) and zero-point min,
+// codes round((x - zero) / scale) (half to even) clamped to the levels, packed low bits first.
+// x fp32 [batch, heads, 1, groups * group]; packed, scale, zero: the ring (as for dequantize_ring).
+__attribute__((optimize("fp-contract=off")))
+static void quantize_group(const float* x, int64_t group, int bits, double eps, uint8_t* packed, at::Half* scale,
+                           at::Half* zero) {
+  const int per_byte = 8 / bits, levels = (1 << bits) - 1;
+  float low = x[0], high = x[0];
+  for (int64_t c = 1; c < group; ++c) low = std::min(low, x[c]), high = std::max(high, x[c]);
+  const float spread = (high - low) / static_cast<float>(levels);
+  const at::Half step = at::Half(std::max(spread, static_cast<float>(eps))), base = at::Half(low);
+  *scale = step, *zero = base;
+  const float step_f = static_cast<float>(step), base_f = static_cast<float>(base);
+  for (int64_t byte = 0; byte < group / per_byte; ++byte) {
+    int value = 0;
+    for (int slot = 0; slot < per_byte; ++slot) {
+      const float level = std::nearbyint((x[byte * per_byte + slot] - base_f) / step_f);
+      const int code = static_cast<int>(std::min(std::max(level, 0.0f), static_cast<float>(levels)));
+      value |= code << (slot * bits);
+    }
+    packed[byte] = static_cast<uint8_t>(value);
+  }
+}
+
+void quantize_into_ring(torch::Tensor x, torch::Tensor packed, torch::Tensor scale, torch::Tensor zero, int64_t bits,
+                        int64_t slot, double eps) {
+  TORCH_CHECK(bits == 2 || bits == 4 || bits == 8, "bits must be 2, 4 or 8");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && x.dim() == 4 && x.size(2) == 1,
+              "x: contiguous fp32 [batch, heads, 1, dim]");
+  TORCH_CHECK(packed.scalar_type() == torch::kUInt8 && packed.dim() == 5 && packed.is_contiguous() &&
+              scale.scalar_type() == torch::kHalf && zero.scalar_type() == torch::kHalf && scale.is_contiguous() &&
+              zero.is_contiguous(), "ring: contiguous uint8 codes and fp16 scales");
+  const int64_t rows = packed.size(0) * packed.size(1), n = packed.size(2), groups = packed.size(3), width = packed.size(4);
+  const int64_t group = width * (8 / bits);
+  TORCH_CHECK(x.size(0) * x.size(1) == rows && x.size(3) == groups * group && slot >= 0 && slot < n,
+              "x and slot must fit the ring");
+  const float* all_x = x.data_ptr<float>();
+  uint8_t* all_packed = packed.data_ptr<uint8_t>();
+  at::Half* all_scale = scale.data_ptr<at::Half>();
+  at::Half* all_zero = zero.data_ptr<at::Half>();
+  for (int64_t row = 0; row < rows; ++row)
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t at = (row * n + slot) * groups + g;
+      quantize_group(all_x + (row * groups + g) * group, group, static_cast<int>(bits), eps, all_packed + at * width,
+                     all_scale + at, all_zero + at);
+    }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("quantize_into_ring", &quantize_into_ring, "one new token per row, quantized into a ring slot in place");
+  m.def("dequantize_ring", &dequantize_ring, "a ring of grouped low-bit tokens, oldest first, as fp32");
   m.def("sketch_scores", &sketch_scores, "query rows against packed low-bit key codes");
   m.def("sketch_choose", &sketch_choose, "one decode step's top-k choice and unread group sums from the sketch");
 }

@@ -91,3 +91,25 @@ def choose(codes: torch.Tensor, weights: torch.Tensor, offset: torch.Tensor, bit
     index, mass, peak = compiled.sketch_choose(codes, weights.contiguous(), offset.squeeze(-1).contiguous(), bits,
                                                k, sinks, forced_from, share)
     return index, mass, peak
+
+
+def dequantize_ring(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, start: int) -> torch.Tensor | None:
+    """fp32 ``[batch, heads, n, dim]`` of a ring of grouped low-bit tokens (``packed`` uint8 ``[batch,
+    heads, n, groups, bytes]``, fp16 ``scale``/``zero`` ``[batch, heads, n, groups, 1]``), token ``i``
+    from slot ``(start + i) % n``: the eager dequantize's numbers, bit for bit. None without the kernel."""
+    compiled = module() if wanted(packed) else None
+    if compiled is None:
+        return None
+    return compiled.dequantize_ring(packed.contiguous(), scale.contiguous(), zero.contiguous(), bits, start)
+
+
+def quantize_into_ring(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                       slot: int, eps: float) -> bool:
+    """Quantize ``x`` (``[batch, heads, 1, dim]``, one token per row) into ring slot ``slot`` in place,
+    as :func:`tokensift.quant.quantize_tokens` does per group; False (nothing written) without the
+    kernel or when the ring is not one contiguous block."""
+    compiled = module() if wanted(packed) else None
+    if compiled is None or not all(t.is_contiguous() for t in (packed, scale, zero)):
+        return False
+    compiled.quantize_into_ring(x.float().contiguous(), packed, scale, zero, bits, slot, eps)
+    return True
