@@ -71,8 +71,10 @@ def publish(partial: Path, target: Path) -> None:
     except OSError:
         if not target.exists():
             raise
-    if partial.exists():
-        shutil.rmtree(partial) if partial.is_dir() else partial.unlink()
+    if partial.is_dir():
+        shutil.rmtree(partial)
+    elif partial.exists():
+        partial.unlink()
 
 
 def file_sha256(path: Path) -> str:

@@ -178,8 +178,7 @@ class Tiered(SparsePolicy):
         if layer.padded or len(layer.sketches) != 1:
             return None
         seen, sketched, k = layer.seen, layer.sketches[0].count, min(self.k, layer.seen)
-        sinks, start = min(self.n_sink, sketched), min(seen - self.window, seen - 1)
-        forced_from = max(start, 0) if start < sketched else sketched
+        sinks, forced_from = self.forced_slots(seen, sketched)
         if k > sketched or sinks + max(0, sketched - max(forced_from, sinks)) > k:
             return None
         chosen = layer.sketches[0].choose_compiled(query, scaling, k, sinks, forced_from, self.share)
@@ -222,14 +221,20 @@ class Tiered(SparsePolicy):
             return None
         weights, peak = _weights(logits)
         scores = self.scores(logits, weights, layer.keys.shape[1] if self.share else query.shape[1])
-        scores[..., :min(self.n_sink, sketched)] = POS_INF  # forced_mask: sinks, window, newest token
-        start = min(seen - self.window, seen - 1)
-        if start < sketched:
-            scores[..., max(start, 0):sketched] = POS_INF
+        sinks, forced_from = self.forced_slots(seen, sketched)  # forced_mask: sinks, window, newest token
+        scores[..., :sinks] = POS_INF
+        scores[..., forced_from:sketched] = POS_INF
         values, index = scores.topk(k, dim=-1, sorted=False)
         index, order = index.sort(dim=-1)
         _forget_read(weights, index)
         return *_then_slots(index, values.gather(-1, order) > NEG_INF, sketched, seen), weights, peak
+
+    def forced_slots(self, seen: int, sketched: int) -> tuple[int, int]:
+        """``(sinks, forced_from)``: of the sketched slots ``0..sketched`` of a layer without padding,
+        those below ``sinks`` and from ``forced_from`` on are always read (sinks, the recent window,
+        the newest token; ``forced_from == sketched`` when the window starts after the sketch)."""
+        start = min(seen - self.window, seen - 1)
+        return min(self.n_sink, sketched), max(start, 0) if start < sketched else sketched
 
     @staticmethod
     def scores(logits: torch.Tensor, weights: torch.Tensor, heads: int) -> torch.Tensor:

@@ -13,6 +13,8 @@
 //
 // sketch_choose does a whole decode step's choice for one sequence in one call (tiered.py's
 // choose_unpadded and the tail's group sums): scores, softmax weights, top k, read rows forgotten.
+// dequantize_ring and quantize_into_ring serve the low-bit sliding windows (window.py) the tiered
+// policy holds on Gemma 3: the same numbers as their eager paths, bit for bit.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -120,11 +122,11 @@ static void top_k_slots(const float* score, int64_t n, int64_t k, int64_t sinks,
   }
   int64_t taken = 0;
   for (int64_t t = 0; t < n && taken < k; ++t) {
-    const bool forced = t < forced_until || t >= forced_from;
-    const bool tie = score[t] == threshold && ties > 0;
-    if (forced || score[t] > threshold || tie) {
+    if (t < forced_until || t >= forced_from || score[t] > threshold) {
       chosen[taken++] = t;
-      ties -= !forced && tie && !(score[t] > threshold);
+    } else if (score[t] == threshold && ties > 0) {
+      chosen[taken++] = t;
+      --ties;
     }
   }
   // only NaN scores (no strict order) leave slots unfilled: repeat the last one rather than read garbage
@@ -230,13 +232,13 @@ std::vector<torch::Tensor> sketch_choose(torch::Tensor codes, torch::Tensor weig
   const int64_t n = groups * group, forced = std::min(sinks, n) + std::max<int64_t>(0, n - std::max(forced_from, sinks));
   TORCH_CHECK(k <= n && forced <= k, "sketch_choose: k must cover the forced slots and fit the sketch");
   auto logits = sketch_scores(codes, weights, offset, bits);  // [1, heads * rows, n]
-  auto probabilities = torch::empty_like(logits);
+  auto softmax_weights = torch::empty_like(logits);
   const int64_t choices = share ? heads : heads * rows;
   auto index = torch::empty({1, choices, k}, logits.options().dtype(torch::kInt64));
   auto mass = torch::empty({1, heads * rows, groups}, logits.options());
   auto peak = torch::empty({1, heads * rows, 1}, logits.options());
   const float* all_logits = logits.data_ptr<float>();
-  float* all_weights = probabilities.data_ptr<float>();
+  float* all_weights = softmax_weights.data_ptr<float>();
   int64_t* all_index = index.data_ptr<int64_t>();
   float* all_mass = mass.data_ptr<float>();
   float* all_peak = peak.data_ptr<float>();

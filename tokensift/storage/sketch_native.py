@@ -1,4 +1,5 @@
-"""The sketch's scores as one compiled CPU loop (``sketch_kernel.cpp``), built once per machine.
+"""The sketch's scores and a decode step's choice as compiled CPU loops (``sketch_kernel.cpp``),
+with the ring read and write of low-bit sliding windows, built once per machine.
 
 Eager PyTorch must expand the packed 2-bit codes into a float tensor before multiplying them
 (:meth:`tokensift.storage.sketch.KeySketch.logits`); the compiled loop unpacks each byte in
@@ -88,9 +89,8 @@ def choose(codes: torch.Tensor, weights: torch.Tensor, offset: torch.Tensor, bit
     compiled = module()
     if compiled is None:
         return None
-    index, mass, peak = compiled.sketch_choose(codes, weights.contiguous(), offset.squeeze(-1).contiguous(), bits,
-                                               k, sinks, forced_from, share)
-    return index, mass, peak
+    return tuple(compiled.sketch_choose(codes, weights.contiguous(), offset.squeeze(-1).contiguous(), bits,
+                                        k, sinks, forced_from, share))
 
 
 def dequantize_ring(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, start: int) -> torch.Tensor | None:
